@@ -1,0 +1,38 @@
+# Two commands on a fresh machine: `make run` serves the bundled model on port 8000,
+# `make test` runs lint, type checks and the tests. Both set up .venv themselves.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+
+.PHONY: help run test lint typecheck pytest clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+
+$(VENV)/.runtime: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+run: $(VENV)/.runtime  ## serve the configured model on port 8000 (ARGS="--set batching.max_wait_ms=1")
+	$(PY) app.py $(ARGS)
+
+test: lint typecheck pytest  ## lint, type checks and the whole test suite
+
+lint: $(VENV)/.dev  ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(VENV)/.dev  ## mypy --strict over the package and tests
+	$(VENV)/bin/mypy
+
+pytest: $(VENV)/.dev  ## the tests only
+	$(PY) -m pytest -q $(ARGS)
+
+clean:  ## remove the virtual environment and caches
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -1,0 +1,109 @@
+"""Entry point: `python app.py [--config config.toml] [--host H] [--port P] [--set section.key=value ...]`.
+
+Serves until SIGTERM/SIGINT; then readiness drops, new predictions get 503, everything
+already admitted is answered, and the process exits 0 within server.shutdown_timeout_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from batcher.application import create_app
+from batcher.config import Settings, load_settings
+from batcher.errors import StartupError
+from batcher.handlers import SERVICE
+
+log = logging.getLogger("batcher")
+DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="app.py",
+        description="batcher: serve an ONNX text classifier over HTTP with dynamic batching.",
+        epilog="Every config key can also be set as BATCHER_<SECTION>__<KEY>, e.g. BATCHER_BATCHING__MAX_WAIT_MS=2.",
+    )
+    parser.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="TOML settings file (default: %(default)s)")
+    parser.add_argument("--host", help="address to listen on (overrides server.host)")
+    parser.add_argument("--port", type=int, help="port to listen on (overrides server.port)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one setting, e.g. --set batching.max_batch_size=1 (repeatable)",
+    )
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    overrides = list(args.overrides)
+    if args.host is not None:
+        overrides.append(f'server.host="{args.host}"')
+    if args.port is not None:
+        overrides.append(f"server.port={args.port}")
+    return load_settings(args.config, overrides=overrides)
+
+
+async def serve(settings: Settings) -> None:
+    app = create_app(settings)
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,  # a client that hangs up cancels its handler, so its request is skipped
+        access_log=log if settings.server.access_log else None,
+        shutdown_timeout=settings.server.shutdown_timeout_s,
+    )
+    await runner.setup()  # loads, checks and warms the model; raises StartupError
+    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    await site.start()
+    log.info("serving on http://%s:%d (POST /predict, docs at /docs)", settings.server.host, settings.server.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    started = time.monotonic()
+    service = app[SERVICE]
+    log.info("signal received: draining %d unanswered requests", service.batcher.unanswered if service.batcher else 0)
+    service.begin_drain()
+    if service.batcher is not None:
+        await service.batcher.close(settings.server.shutdown_timeout_s)
+    await runner.cleanup()
+    log.info("stopped after %.2f s of draining", time.monotonic() - started)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except StartupError as exc:
+        print(f"batcher: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.server.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        uvloop.run(serve(settings))
+    except StartupError as exc:
+        print(f"batcher: cannot start: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"batcher: cannot listen on {settings.server.host}:{settings.server.port}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

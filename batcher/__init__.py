@@ -1,0 +1,3 @@
+"""batcher: an async dynamic-batching inference server for ONNX text classifiers."""
+
+__version__ = "0.1.0"

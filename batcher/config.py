@@ -1,0 +1,217 @@
+"""Settings: one dataclass a section, each field documented where it is defined.
+
+Values come from `config.toml`, then `BATCHER_<SECTION>__<KEY>` environment variables,
+then `--set section.key=value` on the command line (later wins). Unknown keys and bad
+values stop start-up with a message naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from batcher.errors import ConfigError
+
+Device = Literal["auto", "cpu", "cuda"]
+GraphOptimization = Literal["disable", "basic", "extended", "all"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ServerSettings:
+    host: str = "0.0.0.0"
+    """Address to listen on."""
+    port: int = 8000
+    """TCP port to listen on."""
+    client_max_size_bytes: int = 1024 * 1024
+    """Largest request body accepted; bigger bodies get 413 before they are parsed."""
+    max_batch_items: int = 64
+    """Most items one `POST /predict/batch` may carry; more get 413."""
+    shutdown_timeout_s: float = 30.0
+    """On SIGTERM/SIGINT, how long accepted requests may take to finish before exit."""
+    log_level: LogLevel = "info"
+    """Logging verbosity of the server."""
+    access_log: bool = False
+    """Log one line per request (costs event-loop time under load)."""
+
+    def __post_init__(self) -> None:
+        _check_range("server.port", self.port, 0, 65535)
+        _check_range("server.client_max_size_bytes", self.client_max_size_bytes, 1024, 1 << 30)
+        _check_range("server.max_batch_items", self.max_batch_items, 1, 100_000)
+        _check_range("server.shutdown_timeout_s", self.shutdown_timeout_s, 0, 3600)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSettings:
+    path: str = "models/intent-zh"
+    """Model bundle directory: model.onnx, tokenizer.json or vocab.txt, labels.json or config.json.
+    A relative path is resolved against the directory of the config file."""
+    name: str = ""
+    """Name shown in `GET /` and metrics; empty means the bundle directory's name."""
+    max_seq_len: int = 128
+    """Longest token sequence fed to the model; longer dialogues keep their end."""
+    device: Device = "auto"
+    """`auto` uses CUDA only when a session really runs on it, else CPU."""
+    intra_op_threads: int = 0
+    """Threads ONNX Runtime uses inside one operator; 0 = one per core."""
+    inter_op_threads: int = 1
+    """Threads ONNX Runtime uses across independent operators."""
+    graph_optimization: GraphOptimization = "all"
+    """ONNX Runtime graph optimization level."""
+    allow_spinning: bool = False
+    """Let ORT worker threads busy-wait between ops. Off by default: they share the
+    cores with the event loop, and spinning starves it (measured in BENCHMARKS.md)."""
+    warmup_runs: int = 2
+    """Warm-up passes over several batch sizes and lengths before /readyz turns 200."""
+
+    def __post_init__(self) -> None:
+        _check_range("model.max_seq_len", self.max_seq_len, 8, 8192)
+        _check_range("model.intra_op_threads", self.intra_op_threads, 0, 256)
+        _check_range("model.inter_op_threads", self.inter_op_threads, 0, 256)
+        _check_range("model.warmup_runs", self.warmup_runs, 0, 100)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BatchingSettings:
+    max_batch_size: int = 32
+    """Most requests in one model run. 1 disables batching."""
+    max_batch_tokens: int = 8192
+    """Most padded tokens (rows x longest row) in one model run."""
+    max_wait_ms: float = 2.0
+    """Longest time the oldest queued request waits for company while the model is idle.
+    The wait adapts to the arrival rate: a lone client does not wait."""
+    max_queue_size: int = 1024
+    """Requests admitted but not yet answered; past it, 429 with Retry-After."""
+    request_timeout_ms: float = 10_000.0
+    """Deadline from admission to answer; a request still queued then gets 504 and is
+    never computed."""
+    instances: int = 1
+    """Model runs that may be in flight at once (worker threads sharing one session)."""
+
+    def __post_init__(self) -> None:
+        _check_range("batching.max_batch_size", self.max_batch_size, 1, 4096)
+        _check_range("batching.max_batch_tokens", self.max_batch_tokens, 1, 1 << 24)
+        _check_range("batching.max_wait_ms", self.max_wait_ms, 0, 10_000)
+        _check_range("batching.max_queue_size", self.max_queue_size, 1, 1 << 20)
+        _check_range("batching.request_timeout_ms", self.request_timeout_ms, 1, 3_600_000)
+        _check_range("batching.instances", self.instances, 1, 64)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
+    model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    batching: BatchingSettings = dataclasses.field(default_factory=BatchingSettings)
+    base_dir: Path = Path(".")
+    """Directory relative model paths are resolved against (the config file's)."""
+
+    @property
+    def model_dir(self) -> Path:
+        path = Path(self.model.path)
+        return path if path.is_absolute() else self.base_dir / path
+
+    def describe(self) -> dict[str, str]:
+        """Flat `section.key -> value` view, for logs and the model-info metric."""
+        flat: dict[str, str] = {}
+        for section in _SECTIONS:
+            for field in dataclasses.fields(getattr(self, section)):
+                flat[f"{section}.{field.name}"] = str(getattr(getattr(self, section), field.name))
+        return flat
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "model": ModelSettings,
+    "batching": BatchingSettings,
+}
+ENV_PREFIX = "BATCHER_"
+
+
+def load_settings(
+    path: Path | None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Iterable[str] = (),
+) -> Settings:
+    """Read `path` (if given), then environment overrides, then `section.key=value` overrides."""
+    raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    base_dir = Path(".")
+    if path is not None:
+        base_dir = path.parent
+        _merge(raw, _read_toml(path), source=str(path))
+    env_values = os.environ if env is None else env
+    for key, value in sorted(env_values.items()):
+        if key.startswith(ENV_PREFIX) and "__" in key:
+            section, _, name = key[len(ENV_PREFIX) :].lower().partition("__")
+            _merge(raw, {section: {name: _parse_scalar(value)}}, source=f"environment {key}")
+    for item in overrides:
+        dotted, sep, value = item.partition("=")
+        section, dot, name = dotted.strip().partition(".")
+        if not sep or not dot:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. batching.max_wait_ms=2")
+        _merge(raw, {section: {name: _parse_scalar(value.strip())}}, source=f"--set {item}")
+    sections = {name: _build_section(name, raw[name]) for name in _SECTIONS}
+    return Settings(base_dir=base_dir, **sections)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+
+
+def _merge(raw: dict[str, dict[str, Any]], values: Mapping[str, Any], *, source: str) -> None:
+    for section, table in values.items():
+        if section not in _SECTIONS:
+            allowed = ", ".join(_SECTIONS)
+            raise ConfigError(f"{source}: unknown section [{section}]; allowed: {allowed}")
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{source}: [{section}] must be a table")
+        known = {field.name for field in dataclasses.fields(_SECTIONS[section])}
+        for key, value in table.items():
+            if key not in known:
+                allowed = ", ".join(sorted(known))
+                raise ConfigError(f"{source}: unknown key {section}.{key}; allowed: {allowed}")
+            raw[section][key] = value
+
+
+def _parse_scalar(text: str) -> Any:
+    """Read an override as a TOML value (`2`, `true`, `"cpu"`), else as a bare string."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def _build_section(name: str, values: Mapping[str, Any]) -> Any:
+    cls = _SECTIONS[name]
+    hints = typing.get_type_hints(cls)
+    checked = {key: _check_type(f"{name}.{key}", value, hints[key]) for key, value in values.items()}
+    return cls(**checked)
+
+
+def _check_type(key: str, value: Any, expected: Any) -> Any:
+    if get_origin(expected) is Literal:
+        allowed = get_args(expected)
+        if value not in allowed:
+            raise ConfigError(f"{key} = {value!r} is not allowed; allowed values: {', '.join(map(repr, allowed))}")
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (expected is int and isinstance(value, bool)) or not isinstance(value, expected):
+        raise ConfigError(f"{key} = {value!r} must be of type {expected.__name__}")
+    return value
+
+
+def _check_range(key: str, value: float, low: float, high: float) -> None:
+    if not low <= value <= high:
+        raise ConfigError(f"{key} = {value} is out of range; allowed: {low} to {high}")

@@ -1,0 +1,138 @@
+"""Every Prometheus metric batcher exposes: names, help and buckets in one place, on an
+injected registry so tests never share state. Labelled series are created up front so a
+dashboard sees zeros, not gaps, before the first error."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.process_collector import ProcessCollector
+
+ROUTES = (
+    "/",
+    "/healthz",
+    "/readyz",
+    "/predict",
+    "/predict/batch",
+    "/intents",
+    "/metrics",
+    "/openapi.json",
+    "/docs",
+    "other",
+)
+PREDICT_ROUTES = ("/predict", "/predict/batch")
+STATUSES = ("200", "400", "401", "404", "405", "413", "422", "429", "500", "503", "504")
+REJECT_REASONS = ("queue_full", "deadline", "disconnected", "invalid", "model_error", "not_ready")
+
+# Millisecond-scale latencies: 0.5 ms to 10 s.
+LATENCY_BUCKETS_S = (
+    0.0005,
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+TOKENIZE_BUCKETS_S = (0.000005, 0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.005)
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+
+
+class Metrics:
+    """The metric families, registered on `registry`."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+        self.registry = registry or CollectorRegistry()
+        if process:
+            ProcessCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter(
+            "batcher_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=r
+        )
+        self.request_duration = Histogram(
+            "batcher_request_duration_seconds",
+            "Time from receiving a request to its response being ready.",
+            ["route"],
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "batcher_queue_wait_seconds",
+            "Time from admission to the start of the request's model run.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.inference = Histogram(
+            "batcher_inference_duration_seconds",
+            "Wall time of one model run (one batch), padding included.",
+            buckets=LATENCY_BUCKETS_S,
+            registry=r,
+        )
+        self.tokenize = Histogram(
+            "batcher_tokenize_duration_seconds",
+            "Time to build and tokenize one request's text.",
+            buckets=TOKENIZE_BUCKETS_S,
+            registry=r,
+        )
+        self.batch_size = Histogram(
+            "batcher_batch_size", "Requests in one model run.", buckets=BATCH_SIZE_BUCKETS, registry=r
+        )
+        self.padding_ratio = Histogram(
+            "batcher_batch_padding_ratio",
+            "Share of padded positions in one model run's input.",
+            buckets=RATIO_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Counter(
+            "batcher_batch_tokens", "Token positions sent to the model, real or padding.", ["kind"], registry=r
+        )
+        self.queue_depth = Gauge("batcher_queue_depth", "Requests admitted and waiting for a model run.", registry=r)
+        self.queue_capacity = Gauge(
+            "batcher_queue_capacity", "max_queue_size: queue depth that triggers 429.", registry=r
+        )
+        self.inflight_batches = Gauge(
+            "batcher_inflight_batches", "Model runs in progress or handed to a worker.", registry=r
+        )
+        self.model_busy = Counter(
+            "batcher_model_busy_seconds",
+            "Summed wall time of model runs; its rate is the model's busy share.",
+            registry=r,
+        )
+        self.rejected = Counter(
+            "batcher_rejected",
+            "Requests refused or dropped without an answer from the model, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.ready = Gauge(
+            "batcher_ready", "1 when the server accepts predictions (loaded, warm, not draining).", registry=r
+        )
+        self.model_info = Info("batcher_model", "The model being served and the settings it runs with.", registry=r)
+        for route in ROUTES:
+            self.request_duration.labels(route)
+        for route in PREDICT_ROUTES:
+            for status in STATUSES:
+                self.requests.labels(route, status)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+        for kind in ("real", "padding"):
+            self.batch_tokens.labels(kind)
+
+    def describe_model(self, info: Mapping[str, str]) -> None:
+        """Publish the model and its settings (dots become underscores in label names)."""
+        self.model_info.info({key.replace(".", "_"): value for key, value in info.items()})

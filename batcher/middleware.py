@@ -1,0 +1,76 @@
+"""Request middleware: request ids, per-route metrics, and the one place errors become JSON."""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from batcher.errors import HTTPError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge, snippet
+from batcher.handlers import SERVICE, STARTED, json_response
+from batcher.metrics import PREDICT_ROUTES, ROUTES
+
+log = logging.getLogger(__name__)
+REQUEST_ID = "x-request-id"
+_REQUEST_ID_OK = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_INVALID_STATUSES = frozenset({400, 413, 422})
+
+
+def route_label(request: web.Request) -> str:
+    """A bounded set of route labels, so unknown paths cannot blow up metric cardinality."""
+    resource = request.match_info.route.resource
+    canonical = resource.canonical if resource is not None else ""
+    if canonical.startswith("/docs"):
+        return "/docs"
+    return canonical if canonical in ROUTES else "other"
+
+
+@web.middleware
+async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Outermost: stamp the start time and request id, count and time the answer."""
+    request[STARTED] = started = time.perf_counter()
+    incoming = request.headers.get(REQUEST_ID, "")
+    request_id = incoming if _REQUEST_ID_OK.match(incoming) else uuid.uuid4().hex
+    response = await handler(request)
+    response.headers[REQUEST_ID] = request_id
+    route = route_label(request)
+    metrics = request.app[SERVICE].metrics
+    metrics.requests.labels(route, str(response.status)).inc()
+    metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+    if route in PREDICT_ROUTES and response.status in _INVALID_STATUSES:
+        metrics.rejected.labels("invalid").inc()
+    return response
+
+
+@web.middleware
+async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every failure becomes `{"error": {"type", "message"}}` with its status; never a traceback."""
+    try:
+        return await handler(request)
+    except HTTPError as error:
+        return json_response(error.body(), status=error.status, headers=error.headers)
+    except web.HTTPException as exc:
+        return json_response(_from_aiohttp(request, exc), status=exc.status, headers=_allow(exc))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return json_response(InternalError().body(), status=500)
+
+
+def _from_aiohttp(request: web.Request, exc: web.HTTPException) -> dict[str, dict[str, str]]:
+    """aiohttp's own 404/405/413 (routing, body size) in our error shape."""
+    if exc.status == 404:
+        return NotFound(f"no route for {request.method} {snippet(request.path)}").body()
+    if exc.status == 405:
+        return MethodNotAllowed(f"{request.method} is not allowed on {snippet(request.path)}").body()
+    if exc.status == 413:
+        return PayloadTooLarge().body()
+    return {"error": {"type": "http_error", "message": exc.reason}}
+
+
+def _allow(exc: web.HTTPException) -> dict[str, str]:
+    allow = exc.headers.get("Allow")
+    return {"Allow": allow} if allow else {}

@@ -1,0 +1,121 @@
+"""Request and response shapes. Requests are validated with these models; responses are
+built as plain dicts on the hot path and the models document them in /openapi.json
+(the handler tests check real responses against them)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+from batcher.errors import ValidationFailed
+
+SPEAKER_MAX_CHARS = 32
+M = TypeVar("M", bound="BaseModel")
+
+
+class Turn(BaseModel):
+    """One utterance of the dialogue."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    speaker: Annotated[StrictStr, Field(min_length=1, max_length=SPEAKER_MAX_CHARS, examples=["user"])] = "user"
+    text: Annotated[StrictStr, Field(examples=["我们有空一起去看风景好不好"])]
+
+
+class PredictRequest(BaseModel):
+    """A dialogue, oldest turn first; the intent is that of its end."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    turns: Annotated[list[Turn], Field(min_length=1)]
+    return_all_probs: StrictBool = False
+
+    @pydantic.model_validator(mode="after")
+    def _has_text(self) -> PredictRequest:
+        if not any(turn.text.strip() for turn in self.turns):
+            raise ValueError("turns: no turn has non-blank text")
+        return self
+
+
+class BatchPredictRequest(BaseModel):
+    """Several dialogues; each is batched with other traffic on its own."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    items: Annotated[list[PredictRequest], Field(min_length=1)]
+
+
+class Timing(BaseModel):
+    """Where this request's time went."""
+
+    queue_ms: float = Field(description="Admission to the start of its model run.")
+    inference_ms: float = Field(description="Wall time of the model run it was part of.")
+    total_ms: float = Field(description="Handler receiving the request to the response being ready.")
+    batch_size: int = Field(description="Requests in the model run it was part of.")
+
+
+class PredictResponse(BaseModel):
+    intent_id: int
+    intent_name: str
+    confidence: float
+    inference_time_ms: float = Field(description="Wall time of the model run this request was part of.")
+    probabilities: dict[str, float] | None = Field(
+        default=None, description="Every intent's probability; only with return_all_probs."
+    )
+    timing: Timing
+
+
+class BatchPredictResponse(BaseModel):
+    results: list[PredictResponse]
+
+
+class Intent(BaseModel):
+    id: int
+    name: str
+
+
+class IntentsResponse(BaseModel):
+    intents: list[Intent]
+
+
+class ServiceStatus(BaseModel):
+    status: str = Field(examples=["ok"])
+    service: str
+    model_loaded: bool
+    model: str
+    provider: str
+    ready: bool
+    draining: bool
+
+
+class Probe(BaseModel):
+    status: str = Field(examples=["ok", "not_ready"])
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="Stable machine-readable error type.", examples=["validation_error"])
+    message: str = Field(description="Human-readable explanation naming the field at fault.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+def validate(model: type[M], data: Any) -> M:
+    """Validate parsed JSON, turning pydantic's errors into one 422 naming the field."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        raise ValidationFailed(_describe(exc)) from None
+
+
+def _describe(exc: pydantic.ValidationError) -> str:
+    first = exc.errors(include_url=False, include_input=False)[0]
+    where = ".".join(str(part) for part in first["loc"]) or "body"
+    message = str(first["msg"]).removeprefix("Value error, ")
+    if message.startswith(f"{where}:") or ":" in message.split(" ", 1)[0]:
+        return message
+    more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {message}{more}"

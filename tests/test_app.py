@@ -1,0 +1,156 @@
+"""End to end: `app.py` as a real process on loopback, talked to over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.tiny_model import build_bundle
+
+ROOT = Path(__file__).resolve().parent.parent
+LONG = {"turns": [{"speaker": "user", "text": "我们有空一起去看风景好不好" * 40}]}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start(bundle: Path, *overrides: str, config: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+    port = free_port()
+    args = [
+        sys.executable,
+        str(ROOT / "app.py"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--set",
+        f'model.path="{bundle}"',
+        "--set",
+        "model.warmup_runs=1",
+    ]
+    if config is not None:
+        args += ["--config", str(config)]
+    for item in overrides:
+        args += ["--set", item]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("BATCHER_")}
+    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_ready(process: subprocess.Popen[str], url: str, timeout_s: float = 30) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"server exited early: {finish(process, 5)[1]}")
+        try:
+            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("server did not start listening")
+
+
+def finish(process: subprocess.Popen[str], timeout_s: float) -> tuple[int, str]:
+    """Wait for exit; the exit code and everything the process printed."""
+    output, _ = process.communicate(timeout=timeout_s)
+    return process.returncode, output
+
+
+@pytest.fixture(scope="module")
+def slow_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny real model made wide enough that 100 long requests take a noticeable time."""
+    return build_bundle(tmp_path_factory.mktemp("slow"), hidden=512)
+
+
+@pytest.fixture
+def server(tiny_bundle: Path) -> Iterator[str]:
+    process, url = start(tiny_bundle)
+    wait_ready(process, url)
+    yield url
+    process.send_signal(signal.SIGTERM)
+    assert finish(process, 20)[0] == 0
+
+
+async def test_serves_over_http(server: str) -> None:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{server}/predict", json={"turns": [{"speaker": "user", "text": "播放周杰伦的歌"}]}
+        ) as r:
+            assert r.status == 200
+            body = await r.json()
+        assert set(body) >= {"intent_id", "intent_name", "confidence", "inference_time_ms", "timing"}
+        async with session.get(f"{server}/readyz") as r:
+            assert r.status == 200
+
+
+async def test_sigterm_with_100_in_flight_answers_all_and_exits_0(slow_bundle: Path) -> None:
+    process, url = start(
+        slow_bundle,
+        "batching.max_batch_size=1",
+        "model.max_seq_len=512",
+        "model.intra_op_threads=1",
+        "server.shutdown_timeout_s=20",
+    )
+    wait_ready(process, url)
+    done_before_signal = 0
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as session:
+
+        async def one() -> int:
+            async with session.post(f"{url}/predict", json=LONG) as response:
+                await response.read()
+                return response.status
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(100)]
+        await asyncio.sleep(0.15)
+        done_before_signal = sum(task.done() for task in tasks)
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.05)
+        try:
+            async with session.post(f"{url}/predict", json=LONG) as late:
+                late_status = late.status
+                late_body = await late.json()
+        except aiohttp.ClientConnectionError:
+            late_status, late_body = 0, {}
+        statuses = await asyncio.gather(*tasks)
+    assert done_before_signal < 100, "the test needs requests in flight when SIGTERM arrives"
+    assert statuses == [200] * 100
+    if late_status:  # draining: the listener is still open, predictions are refused
+        assert late_status == 503 and late_body["error"]["type"] == "shutting_down"
+    code, output = finish(process, 25)
+    assert code == 0
+    assert "draining" in output and "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["batching.max_batch_sise=3"], "unknown key batching.max_batch_sise"),
+        (['model.path="/nonexistent/bundle"'], "is not a directory"),
+    ],
+)
+def test_startup_errors_are_one_clear_line(tiny_bundle: Path, overrides: list[str], message: str) -> None:
+    process, _ = start(tiny_bundle, *overrides)
+    code, output = finish(process, 30)
+    assert code == 2, output
+    assert message in output
+    assert "Traceback" not in output
+
+
+def test_help_text() -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "app.py"), "--help"], capture_output=True, text=True, check=True
+    )
+    assert "--set" in result.stdout and "BATCHER_" in result.stdout

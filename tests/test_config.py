@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from batcher.config import load_settings
+from batcher.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_shipped_config_loads_and_matches_defaults() -> None:
+    settings = load_settings(ROOT / "config.toml", env={})
+    assert settings.batching.max_batch_size == 32
+    assert settings.server.port == 8000
+    assert settings.model_dir == ROOT / "models" / "intent-zh"
+
+
+def test_precedence_file_then_env_then_set(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[batching]\nmax_wait_ms = 3\nmax_batch_size = 8\n")
+    settings = load_settings(
+        path,
+        env={"BATCHER_BATCHING__MAX_WAIT_MS": "4", "BATCHER_BATCHING__MAX_BATCH_SIZE": "16", "OTHER": "x"},
+        overrides=["batching.max_batch_size=1"],
+    )
+    assert settings.batching.max_wait_ms == 4.0
+    assert settings.batching.max_batch_size == 1
+
+
+def test_relative_model_path_resolves_against_config_dir(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('[model]\npath = "bundle"\n')
+    assert load_settings(path, env={}).model_dir == tmp_path / "bundle"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["batching.max_batch_sise=4"], "unknown key batching.max_batch_sise"),
+        (["nope.key=1"], "unknown section [nope]"),
+        (["batching.max_batch_size=0"], "batching.max_batch_size = 0 is out of range"),
+        (["batching.max_batch_size=true"], "batching.max_batch_size = True must be of type int"),
+        (["batching.max_wait_ms=fast"], "batching.max_wait_ms = 'fast' must be of type float"),
+        (["model.device=tpu"], "model.device = 'tpu' is not allowed; allowed values: 'auto', 'cpu', 'cuda'"),
+        (["max_batch_size"], "expected section.key=value"),
+    ],
+)
+def test_bad_settings_name_the_key(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(None, env={}, overrides=overrides)
+    assert message in str(info.value)
+
+
+def test_bad_env_key_names_the_variable() -> None:
+    with pytest.raises(ConfigError, match="environment BATCHER_SERVER__PROT"):
+        load_settings(None, env={"BATCHER_SERVER__PROT": "1"})
+
+
+def test_unknown_key_in_file_names_file_and_key(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[server]\nportt = 1\n")
+    with pytest.raises(ConfigError, match=r"c\.toml: unknown key server\.portt; allowed: "):
+        load_settings(path, env={})
+
+
+def test_missing_and_invalid_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.toml", env={})
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[server\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(bad, env={})
+
+
+def test_describe_is_flat() -> None:
+    flat = load_settings(None, env={}).describe()
+    assert flat["batching.max_wait_ms"] == "2.0"
+    assert flat["model.device"] == "auto"

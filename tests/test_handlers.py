@@ -1,0 +1,292 @@
+"""Handlers against a real aiohttp server on loopback with the tiny real ONNX model.
+Tests about queue timing (429, 504, 500) use FakeModel and say so."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from batcher.config import ModelSettings
+from batcher.dialogue import dialogue_text
+from batcher.handlers import SERVICE
+from batcher.metrics import Metrics
+from batcher.model import OnnxModel, load_bundle
+from batcher.schemas import BatchPredictResponse, ErrorResponse, PredictResponse
+from batcher.tokenization import TextEncoder
+from tests.conftest import FakeModel, MakeClient
+from tests.tiny_model import LABELS
+
+ONE = {"turns": [{"speaker": "user", "text": "我们有空一起去看风景好不好"}]}
+
+
+def turns(*texts: str) -> dict[str, Any]:
+    return {"turns": [{"speaker": "user" if i % 2 == 0 else "assistant", "text": t} for i, t in enumerate(texts)]}
+
+
+async def expect_error(response: Any, status: int, kind: str, field: str | None = None) -> dict[str, Any]:
+    assert response.status == status, await response.text()
+    assert response.content_type == "application/json"
+    body = await response.json()
+    ErrorResponse.model_validate(body)
+    assert body["error"]["type"] == kind
+    if field is not None:
+        assert field in body["error"]["message"]
+    return body  # type: ignore[no-any-return]
+
+
+def direct_prediction(bundle: Path, payload: dict[str, Any]) -> np.ndarray:
+    """The tiny model run alone, in-process, on the same text: the reference for batched results."""
+    encoder = TextEncoder.from_bundle(bundle, 128)
+    text = dialogue_text(((t.get("speaker", "user"), t["text"]) for t in payload["turns"]), 512)
+    ids = np.array([encoder.encode(text).ids])
+    logits = OnnxModel(load_bundle(bundle), ModelSettings(intra_op_threads=1)).run(
+        ids, np.ones_like(ids), np.zeros_like(ids)
+    )[0]
+    probs: np.ndarray = np.exp(logits) / np.exp(logits).sum()
+    return probs
+
+
+async def test_status_probes_and_intents(make_client: MakeClient) -> None:
+    client = await make_client()
+    index = await (await client.get("/")).json()
+    assert index["status"] == "ok" and index["model_loaded"] is True and index["ready"] is True
+    assert index["provider"] == "CPUExecutionProvider"
+    assert (await client.get("/healthz")).status == 200
+    assert (await client.get("/readyz")).status == 200
+    intents = await (await client.get("/intents")).json()
+    assert intents == {"intents": [{"id": i, "name": n} for i, n in enumerate(LABELS)]}
+
+
+async def test_predict_matches_the_model_run_alone(make_client: MakeClient, tiny_bundle: Path) -> None:
+    client = await make_client()
+    response = await client.post("/predict", json={**ONE, "return_all_probs": True})
+    assert response.status == 200
+    body = await response.json()
+    PredictResponse.model_validate(body)
+    expected = direct_prediction(tiny_bundle, ONE)
+    assert body["intent_id"] == int(expected.argmax())
+    assert body["intent_name"] == LABELS[body["intent_id"]]
+    assert body["confidence"] == pytest.approx(float(expected.max()), abs=1e-4)
+    assert list(body["probabilities"]) == LABELS
+    assert sum(body["probabilities"].values()) == pytest.approx(1, abs=1e-3)
+    assert body["timing"]["batch_size"] >= 1
+    assert body["timing"]["total_ms"] >= body["timing"]["inference_ms"] > 0
+    assert body["inference_time_ms"] == pytest.approx(body["timing"]["inference_ms"], abs=0.01)
+    assert int(response.headers["x-batch-size"]) == body["timing"]["batch_size"]
+    assert float(response.headers["x-inference-time-ms"]) > 0
+    assert float(response.headers["x-queue-time-ms"]) >= 0
+    assert len(response.headers["x-request-id"]) == 32
+
+
+async def test_probabilities_only_when_asked(make_client: MakeClient) -> None:
+    client = await make_client()
+    body = await (await client.post("/predict", json=ONE)).json()
+    assert "probabilities" not in body
+    assert set(body) == {"intent_id", "intent_name", "confidence", "inference_time_ms", "timing"}
+
+
+async def test_request_id_is_echoed(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.post("/predict", json=ONE, headers={"x-request-id": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    bad = await client.post("/predict", json=ONE, headers={"x-request-id": "x" * 500})
+    assert bad.headers["x-request-id"] != "x" * 500
+
+
+async def test_concurrent_mixed_lengths_batch_and_match_alone(make_client: MakeClient, tiny_bundle: Path) -> None:
+    client = await make_client()
+    payloads = [turns("播放周杰伦的歌"), turns("今天天气怎么样", "晴", "那明天呢" * 5), ONE, turns("hello world")]
+    expected = [direct_prediction(tiny_bundle, p) for p in payloads]
+    requests = [client.post("/predict", json={**p, "return_all_probs": True}) for p in payloads * 25]
+    responses = await asyncio.gather(*requests)
+    bodies = [await r.json() for r in responses]
+    for index, body in enumerate(bodies):
+        probs = np.array(list(body["probabilities"].values()))
+        np.testing.assert_allclose(probs, expected[index % 4], atol=2e-4)
+    assert max(b["timing"]["batch_size"] for b in bodies) > 1
+
+
+async def test_300_concurrent_requests_all_answered_in_batches(make_client: MakeClient) -> None:
+    metrics = Metrics(process=False)
+    client = await make_client(metrics=metrics)
+    responses = await asyncio.gather(*(client.post("/predict", json=ONE) for _ in range(300)))
+    assert [r.status for r in responses] == [200] * 300
+    registry = metrics.registry
+    count = registry.get_sample_value("batcher_batch_size_count")
+    total = registry.get_sample_value("batcher_batch_size_sum")
+    assert total == 300
+    assert count is not None and total / count > 1
+    assert registry.get_sample_value("batcher_requests_total", {"route": "/predict", "status": "200"}) == 300
+
+
+async def test_batch_endpoint_keeps_order(make_client: MakeClient, tiny_bundle: Path) -> None:
+    client = await make_client()
+    items = [turns("播放周杰伦的歌"), {**ONE, "return_all_probs": True}, turns("hello")]
+    response = await client.post("/predict/batch", json={"items": items})
+    assert response.status == 200
+    body = await response.json()
+    BatchPredictResponse.model_validate(body)
+    assert len(body["results"]) == 3
+    for item, result in zip(items, body["results"], strict=True):
+        assert result["intent_id"] == int(direct_prediction(tiny_bundle, item).argmax())
+    assert "probabilities" in body["results"][1] and "probabilities" not in body["results"][0]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind", "field"),
+    [
+        (b"{not json", 400, "invalid_json", "not valid JSON"),
+        (b"", 400, "invalid_json", "not valid JSON"),
+        (b"\xff\xfe{}", 400, "invalid_json", "not valid JSON"),
+        (b"[1, 2]", 422, "validation_error", "body"),
+        (b'"text"', 422, "validation_error", "body"),
+        (b"{}", 422, "validation_error", "turns"),
+        (b'{"turns": []}', 422, "validation_error", "turns"),
+        (b'{"turns": "hello"}', 422, "validation_error", "turns"),
+        (b'{"turns": [{"speaker": "user"}]}', 422, "validation_error", "turns.0.text"),
+        (b'{"turns": [{"speaker": "user", "text": 5}]}', 422, "validation_error", "turns.0.text"),
+        (b'{"turns": [{"speaker": "", "text": "hi"}]}', 422, "validation_error", "turns.0.speaker"),
+        (b'{"turns": [{"speaker": "user", "text": "  \\n "}]}', 422, "validation_error", "no turn has non-blank text"),
+        (b'{"turns": [{"text": "hi"}], "return_all_probs": "yes"}', 422, "validation_error", "return_all_probs"),
+        (b'{"turns": [{"text": "hi"}], "return_all_probs": 1}', 422, "validation_error", "return_all_probs"),
+        (b"[" * 5000 + b"]" * 5000, 400, "invalid_json", "not valid JSON"),
+    ],
+)
+async def test_bad_predict_bodies(make_client: MakeClient, body: bytes, status: int, kind: str, field: str) -> None:
+    client = await make_client()
+    response = await client.post("/predict", data=body, headers={"Content-Type": "application/json"})
+    await expect_error(response, status, kind, field)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "kind", "field"),
+    [
+        ({"items": []}, 422, "validation_error", "items"),
+        ({"items": [{"turns": []}]}, 422, "validation_error", "items.0.turns"),
+        ({"items": [ONE] * 5}, 413, "payload_too_large", "max_batch_items (4)"),
+    ],
+)
+async def test_bad_batch_bodies(make_client: MakeClient, body: Any, status: int, kind: str, field: str) -> None:
+    client = await make_client("server.max_batch_items=4")
+    await expect_error(await client.post("/predict/batch", json=body), status, kind, field)
+
+
+async def test_oversized_body_is_413_and_server_keeps_serving(make_client: MakeClient) -> None:
+    client = await make_client("server.client_max_size_bytes=2048")
+    big = {"turns": [{"speaker": "user", "text": "好" * 5000}]}
+    await expect_error(await client.post("/predict", json=big), 413, "payload_too_large")
+
+    async def chunks() -> Any:  # no Content-Length: the limit is enforced while reading
+        for _ in range(10):
+            yield b"x" * 1024
+
+    await expect_error(await client.post("/predict", data=chunks()), 413, "payload_too_large")
+    assert (await client.post("/predict", json=ONE)).status == 200
+
+
+async def test_long_dialogue_is_truncated_not_rejected(make_client: MakeClient) -> None:
+    client = await make_client()
+    long_turns = [{"speaker": "user", "text": "风景" * 2000}] * 20 + [{"speaker": "user", "text": "播放周杰伦的歌"}]
+    response = await client.post("/predict", json={"turns": long_turns})
+    assert response.status == 200
+
+
+async def test_unknown_routes_and_methods_are_json(make_client: MakeClient) -> None:
+    client = await make_client()
+    await expect_error(await client.get("/nope"), 404, "not_found", "/nope")
+    response = await client.get("/predict")
+    await expect_error(response, 405, "method_not_allowed", "GET")
+    assert "POST" in response.headers["Allow"]
+
+
+async def test_queue_full_is_429_with_retry_after(make_client: MakeClient) -> None:
+    # FakeModel: the point is queue timing, the model is held on a gate.
+    model = FakeModel()
+    client = await make_client(
+        "batching.max_batch_size=1", "batching.max_queue_size=2", "batching.max_wait_ms=0", model=model
+    )
+    model.armed = True
+    model.gate.clear()
+    admitted = []
+    for _ in range(4):  # one running, one staged behind it, two queued (max_queue_size)
+        admitted.append(asyncio.ensure_future(client.post("/predict", json=ONE)))
+        await asyncio.sleep(0.05)
+    response = await client.post("/predict", json=ONE)
+    await expect_error(response, 429, "queue_full")
+    assert response.headers["Retry-After"] == "1"
+    model.gate.set()
+    assert [r.status for r in await asyncio.gather(*admitted)] == [200] * 4
+
+
+async def test_deadline_is_504(make_client: MakeClient) -> None:
+    # FakeModel: the point is the deadline, the model is held on a gate.
+    model = FakeModel()
+    client = await make_client("batching.request_timeout_ms=150", "batching.max_batch_size=1", model=model)
+    model.armed = True
+    model.gate.clear()
+    response = await client.post("/predict", json=ONE)
+    await expect_error(response, 504, "deadline_exceeded")
+    model.gate.set()
+
+
+async def test_model_failure_is_500_then_recovers(make_client: MakeClient) -> None:
+    # FakeModel: a test-only fault; the real model never fails on valid input.
+    model = FakeModel()
+    client = await make_client(model=model)
+    model.armed = True
+    model.fail_next = 1
+    await expect_error(await client.post("/predict", json=ONE), 500, "model_error")
+    assert (await client.get("/readyz")).status == 503
+    assert (await client.post("/predict", json=ONE)).status == 200
+    assert (await client.get("/readyz")).status == 200
+
+
+async def test_draining_answers_503(make_client: MakeClient) -> None:
+    client = await make_client()
+    client.app[SERVICE].begin_drain()
+    await expect_error(await client.post("/predict", json=ONE), 503, "shutting_down")
+    await expect_error(await client.get("/readyz"), 503, "not_ready")
+    assert (await client.get("/healthz")).status == 200
+
+
+async def test_openapi_and_docs(make_client: MakeClient) -> None:
+    client = await make_client()
+    spec = await (await client.get("/openapi.json")).json()
+    assert spec["openapi"].startswith("3.")
+    predict = spec["paths"]["/predict"]["post"]
+    assert predict["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("PredictRequest")
+    assert {"200", "400", "413", "422", "429", "500", "503", "504"} <= set(predict["responses"])
+    assert "turns" in spec["components"]["schemas"]["PredictRequest"]["properties"]
+    page = await client.get("/docs")
+    assert page.status == 200 and "swagger-ui-bundle.js" in await page.text()
+    asset = await client.get("/docs/static/swagger-ui-bundle.js")
+    assert asset.status == 200 and len(await asset.read()) > 100_000
+
+
+async def test_metrics_exposes_every_family(make_client: MakeClient) -> None:
+    client = await make_client(metrics=Metrics())
+    await client.post("/predict", json=ONE)
+    await client.post("/predict", data=b"{")
+    text = await (await client.get("/metrics")).text()
+    for family in (
+        "batcher_requests_total",
+        "batcher_request_duration_seconds_bucket",
+        "batcher_queue_wait_seconds_bucket",
+        "batcher_inference_duration_seconds_bucket",
+        "batcher_tokenize_duration_seconds_bucket",
+        "batcher_batch_size_bucket",
+        "batcher_batch_padding_ratio_bucket",
+        "batcher_queue_depth",
+        "batcher_inflight_batches",
+        "batcher_rejected_total",
+        "batcher_model_info",
+        "process_resident_memory_bytes",
+    ):
+        assert family in text, family
+    assert 'batcher_rejected_total{reason="invalid"} 1.0' in text
+    assert 'batcher_requests_total{route="/predict",status="400"} 1.0' in text
+    assert 'provider="CPUExecutionProvider"' in text
