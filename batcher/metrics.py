@@ -4,10 +4,15 @@ dashboard sees zeros, not gaps, before the first error."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 ROUTES = (
     "/",
@@ -123,6 +128,8 @@ class Metrics:
             "batcher_ready", "1 when the server accepts predictions (loaded, warm, not draining).", registry=r
         )
         self.model_info = Info("batcher_model", "The model being served and the settings it runs with.", registry=r)
+        if process:
+            r.register(LoopThreadCPU())
         for route in ROUTES:
             self.request_duration.labels(route)
         for route in PREDICT_ROUTES:
@@ -136,3 +143,30 @@ class Metrics:
     def describe_model(self, info: Mapping[str, str]) -> None:
         """Publish the model and its settings (dots become underscores in label names)."""
         self.model_info.info({key.replace(".", "_"): value for key, value in info.items()})
+
+
+class LoopThreadCPU(Collector):
+    """CPU seconds used by the thread that created the metrics: the event loop's thread.
+    Its rate per request is the loop's cost per request, the budget that bounds
+    throughput on a small CPU. Read from /proc, so it is absent where /proc is."""
+
+    def __init__(self) -> None:
+        self._stat = Path(f"/proc/self/task/{threading.get_native_id()}/stat")
+        self._ticks = _clock_ticks()
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        try:
+            fields = self._stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return
+        seconds = (int(fields[11]) + int(fields[12])) / self._ticks  # utime + stime
+        yield CounterMetricFamily(
+            "batcher_event_loop_cpu_seconds", "CPU time of the event-loop thread (user + system).", value=seconds
+        )
+
+
+def _clock_ticks() -> int:
+    try:
+        return int(os.sysconf("SC_CLK_TCK"))
+    except (ValueError, OSError, AttributeError):
+        return 100

@@ -56,6 +56,10 @@ class TextEncoder:
             raise BundleError(f"{directory}: cannot load the tokenizer: {exc}") from None
         raise BundleError(f"{directory}: neither tokenizer.json nor vocab.txt is present")
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self._tokenizer.get_vocab_size())
+
     def encode(self, text: str) -> Encoded:
         encoding = self._tokenizer.encode(text)
         return Encoded(encoding.ids, encoding.type_ids)

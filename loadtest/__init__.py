@@ -1,0 +1,1 @@
+"""An asyncio load generator for batcher (and any server with the same API). Talks HTTP only."""

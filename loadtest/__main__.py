@@ -1,0 +1,161 @@
+"""python -m loadtest: load batcher over HTTP and report what it did.
+
+python -m loadtest run --concurrency 64 --duration 20
+python -m loadtest run --rate 300 --arrival poisson --duration 20
+python -m loadtest run --sweep rate=100,200,400,800 --slo-p99-ms 50
+python -m loadtest classic            # the old test script's three tests
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+
+from loadtest import report
+from loadtest.classic import run_classic
+from loadtest.corpus import DEFAULT_CORPUS, Corpus
+from loadtest.driver import Driver, Load
+from loadtest.server_metrics import Samples, breakdown, scrape
+
+CPU_WARNING_SHARE = 0.85
+
+
+async def run_steps(
+    base_url: str,
+    loads: list[Load],
+    *,
+    corpus: Corpus,
+    endpoint: str = "predict",
+    duration_s: float = 10,
+    warmup_s: float = 2,
+    seed: int = 1,
+    timeout_s: float = 30,
+    slo_p99_ms: float | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Run each load step in turn; with an SLO, stop after the first step whose p99 breaks it."""
+    path = "/predict" if endpoint == "predict" else "/predict/batch"
+    rows: list[dict[str, Any]] = []
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        driver = Driver(
+            session, base_url + path, corpus.bodies(endpoint), seed=seed, timeout_s=timeout_s, progress=progress
+        )
+        for load in loads:
+            before: Samples = {}
+            snapshot = partial(_scrape_into, before, session, base_url + "/metrics")
+            result = await driver.run(load, duration_s=duration_s, warmup_s=warmup_s, on_measure_start=snapshot)
+            result.server = breakdown(before, await scrape(session, base_url + "/metrics"), duration_s)
+            row = result.summary(slo_p99_ms)
+            rows.append(row)
+            if row["client_cpu_share"] > CPU_WARNING_SHARE:
+                print(
+                    f"warning: the load generator used {row['client_cpu_share']:.0%} of a core during "
+                    f"{load.label}; it may be the bottleneck, not the server",
+                    file=sys.stderr,
+                )
+            if slo_p99_ms is not None and row["p99_ms"] > slo_p99_ms:
+                print(
+                    f"{load.label}: p99 {row['p99_ms']:.1f} ms breaks the {slo_p99_ms:g} ms SLO; stopping the sweep",
+                    file=sys.stderr,
+                )
+                break
+    return rows
+
+
+async def _scrape_into(samples: Samples, session: aiohttp.ClientSession, url: str) -> None:
+    samples.update(await scrape(session, url))
+
+
+def highest_within_slo(rows: list[dict[str, Any]], slo_p99_ms: float) -> dict[str, Any] | None:
+    held = [row for row in rows if row["p99_ms"] <= slo_p99_ms and not row["unsent"]]
+    return max(held, key=lambda row: row["throughput_rps"]) if held else None
+
+
+def parse_loads(args: argparse.Namespace) -> list[Load]:
+    if args.sweep:
+        kind, _, values = args.sweep.partition("=")
+        if kind not in ("concurrency", "rate") or not values:
+            raise SystemExit("loadtest: --sweep takes concurrency=1,4,16 or rate=100,200,400")
+        numbers = [float(v) for v in values.split(",") if v]
+        return [Load("closed" if kind == "concurrency" else "open", n, args.arrival) for n in numbers]
+    if args.rate is not None:
+        return [Load("open", args.rate, args.arrival)]
+    return [Load("closed", args.concurrency)]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="closed- or open-loop load, one step or a sweep")
+    run.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
+    load = run.add_mutually_exclusive_group()
+    load.add_argument("--concurrency", type=int, default=64, help="closed loop: clients (default: %(default)s)")
+    load.add_argument("--rate", type=float, help="open loop: requests per second")
+    load.add_argument("--sweep", help="concurrency=1,4,16,64 or rate=100,200,400: one step per value")
+    run.add_argument("--arrival", choices=["poisson", "constant"], default="poisson", help="open-loop arrivals")
+    run.add_argument("--slo-p99-ms", type=float, help="stop a sweep at the first step whose p99 breaks this")
+    run.add_argument("--duration", type=float, default=10, help="measured seconds per step (default: %(default)s)")
+    run.add_argument("--warmup", type=float, default=2, help="unmeasured seconds before each step")
+    run.add_argument("--seed", type=int, default=1, help="corpus order and arrival times")
+    run.add_argument(
+        "--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL of {turns: [...]} (default: test split)"
+    )
+    run.add_argument("--endpoint", choices=["predict", "batch"], default="predict", help="/predict or /predict/batch")
+    run.add_argument("--batch-items", type=int, default=8, help="items per /predict/batch request")
+    run.add_argument("--timeout", type=float, default=30, help="per-request timeout in seconds")
+    run.add_argument("--out", type=Path, help="write JSON, CSV and PNG plots here (default: loadtest/results/<time>)")
+    run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    classic = commands.add_parser("classic", help="the old test script: one request, 20 runs per case, 10 concurrent")
+    classic.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL (default: %(default)s)")
+    return parser
+
+
+async def main_run(args: argparse.Namespace) -> int:
+    corpus = Corpus(args.corpus, seed=args.seed, batch_items=args.batch_items)
+    loads = parse_loads(args)
+    rows = await run_steps(
+        args.url,
+        loads,
+        corpus=corpus,
+        endpoint=args.endpoint,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        seed=args.seed,
+        timeout_s=args.timeout,
+        slo_p99_ms=args.slo_p99_ms,
+    )
+    print(report.table(rows))
+    if args.slo_p99_ms is not None:
+        best = highest_within_slo(rows, args.slo_p99_ms)
+        print(
+            f"highest throughput holding p99 <= {args.slo_p99_ms:g} ms: "
+            + (f"{best['throughput_rps']:.1f} req/s at {best['load']}" if best else "none")
+        )
+    out = args.out or Path("loadtest/results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    report.write(rows, out, "steps")
+    if not args.no_plots:
+        report.plot_latency({args.url: rows}, out / "latency.png", "latency vs throughput")
+        report.plot_batch_sizes(rows, out / "batch_sizes.png", "batch sizes per step")
+    print(f"results in {out}/")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "classic":
+        return uvloop.run(run_classic(args.url))
+    return uvloop.run(main_run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

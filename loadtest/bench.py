@@ -1,0 +1,287 @@
+"""The benchmark behind BENCHMARKS.md: `make bench` (or `python -m loadtest.bench`).
+
+One run, one machine, one corpus, one client, servers one at a time:
+1. the ceiling: the bundled model called in-process through ONNX Runtime on pre-tokenized
+   corpus batches, best over batch sizes and thread layouts;
+2. batcher with its defaults; 3. batcher with batching.max_batch_size=1;
+4. the old design (loadtest/baselines/naive_server.py) padded to 128, and padded to each
+   request's own length;
+5. a tuning sweep over max_batch_size x max_wait_ms.
+Each server gets a closed-loop step at 64 clients and an open-loop sweep; batcher also a
+closed-loop step at 1 client. Figures are written with the machine, command and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import uvloop
+
+from loadtest.__main__ import highest_within_slo, run_steps
+from loadtest.corpus import DEFAULT_CORPUS, Corpus
+from loadtest.driver import Load
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = ROOT / "models" / "intent-zh"
+SLO_P99_MS = 50.0
+SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.15)
+TUNING_BATCH_SIZES = (8, 16, 32, 64)
+TUNING_WAITS_MS = (0, 2, 5)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class Server:
+    """A server process on loopback, started and stopped around a set of steps."""
+
+    def __init__(self, name: str, args: list[str]) -> None:
+        self.name = name
+        self.port = free_port()
+        self.args = [a.replace("{port}", str(self.port)) for a in args]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Server:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHER_")}
+        self.process = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise SystemExit(
+                    f"bench: {self.name} exited: {self.process.stderr.read().decode() if self.process.stderr else ''}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return self
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit(f"bench: {self.name} did not start")
+
+    def __exit__(self, *exc: object) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        if self.process.stderr:
+            self.process.stderr.close()
+
+
+def batcher_server(name: str, *overrides: str) -> Server:
+    args = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", "{port}", "--set", 'server.log_level="warning"']
+    for item in overrides:
+        args += ["--set", item]
+    return Server(name, args)
+
+
+def naive_server(name: str, padding: str) -> Server:
+    return Server(
+        name,
+        [
+            sys.executable,
+            "-m",
+            "loadtest.baselines.naive_server",
+            "--model",
+            str(MODEL),
+            "--port",
+            "{port}",
+            "--padding",
+            padding,
+        ],
+    )
+
+
+def ceiling(corpus: Corpus, seconds: float) -> dict[str, Any]:
+    """Best in-process sequences/s over batch sizes and thread layouts."""
+    import onnxruntime as ort
+
+    from batcher.batching import pad_batch
+    from batcher.dialogue import dialogue_text
+    from batcher.tokenization import TextEncoder
+
+    encoder = TextEncoder.from_bundle(MODEL, 128)
+    rows = [
+        encoder.encode(dialogue_text(((t["speaker"], t["text"]) for t in d["turns"]), 512)) for d in corpus.dialogues
+    ]
+
+    def session(threads: int) -> Any:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        return ort.InferenceSession(str(MODEL / "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+    def worker(sess: Any, batches: Sequence[tuple[np.ndarray, ...]], stop: float, counts: list[int]) -> None:
+        done = 0
+        while time.perf_counter() < stop:
+            for ids, mask, types in batches:
+                sess.run(["logits"], {"input_ids": ids, "attention_mask": mask, "token_type_ids": types})
+                done += len(ids)
+        counts.append(done)
+
+    results: list[dict[str, Any]] = []
+    for layout, sessions, threads in (
+        ("1 session x 2 threads", 1, 2),
+        ("2 sessions x 1 thread", 2, 1),
+        ("1 session x 1 thread", 1, 1),
+    ):
+        pool = [session(threads) for _ in range(sessions)]
+        for batch_size in (1, 8, 16, 32, 64):
+            batches = [pad_batch(rows[i : i + batch_size], encoder.pad_id) for i in range(0, len(rows), batch_size)]
+            for sess in pool:
+                worker(sess, batches[:2], 0, [])  # warm-up
+            counts: list[int] = []
+            started = time.perf_counter()
+            threads_ = [threading.Thread(target=worker, args=(s, batches, started + seconds, counts)) for s in pool]
+            for t in threads_:
+                t.start()
+            for t in threads_:
+                t.join()
+            rate = sum(counts) / (time.perf_counter() - started)
+            results.append({"layout": layout, "batch_size": batch_size, "sequences_per_s": round(rate, 1)})
+            print(f"ceiling: {layout}, batch {batch_size}: {rate:.0f} seq/s", file=sys.stderr)
+    best = max(results, key=lambda r: r["sequences_per_s"])
+    return {"best": best, "all": results, "mean_tokens": round(float(np.mean([len(r) for r in rows])), 1)}
+
+
+async def measure_server(
+    server: Server, corpus: Corpus, args: argparse.Namespace, *, one_client: bool
+) -> dict[str, Any]:
+    common = {"corpus": corpus, "seed": args.seed, "progress": not args.quiet}
+    closed = await run_steps(server.url, [Load("closed", 64)], duration_s=args.duration, warmup_s=args.warmup, **common)
+    result: dict[str, Any] = {"closed64": closed[0]}
+    if one_client:
+        one = await run_steps(server.url, [Load("closed", 1)], duration_s=args.step_duration, warmup_s=1, **common)
+        result["closed1"] = one[0]
+    peak = closed[0]["throughput_rps"]
+    loads = [Load("open", round(peak * f, 1)) for f in SWEEP_FRACTIONS]
+    result["sweep"] = await run_steps(
+        server.url, loads, duration_s=args.step_duration, warmup_s=1, slo_p99_ms=SLO_P99_MS * 4, **common
+    )
+    best = highest_within_slo(result["sweep"], SLO_P99_MS)
+    result["max_within_slo"] = best
+    return result
+
+
+async def tuning(corpus: Corpus, args: argparse.Namespace, rate: float) -> list[dict[str, Any]]:
+    rows = []
+    for size in TUNING_BATCH_SIZES:
+        for wait in TUNING_WAITS_MS:
+            name = f"max_batch_size={size} max_wait_ms={wait}"
+            with batcher_server(name, f"batching.max_batch_size={size}", f"batching.max_wait_ms={wait}") as server:
+                common = {"corpus": corpus, "seed": args.seed, "progress": not args.quiet}
+                closed = (
+                    await run_steps(
+                        server.url, [Load("closed", 64)], duration_s=args.step_duration, warmup_s=1, **common
+                    )
+                )[0]
+                opened = (
+                    await run_steps(
+                        server.url, [Load("open", rate)], duration_s=args.step_duration, warmup_s=1, **common
+                    )
+                )[0]
+            rows.append(
+                {"config": name, "max_batch_size": size, "max_wait_ms": wait, "closed64": closed, "open": opened}
+            )
+            print(
+                f"tuning {name}: {closed['throughput_rps']:.0f} req/s at 64 clients, open {rate:g}/s p99 "
+                f"{opened['p99_ms']:.1f} ms",
+                file=sys.stderr,
+            )
+    return rows
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, no GPU, Python {platform.python_version()}"
+
+
+def header(args: argparse.Namespace, corpus: Corpus) -> dict[str, Any]:
+    return {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "command": "make bench  # python -m loadtest.bench " + shlex.join(sys.argv[1:]),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip(),
+        "corpus": {
+            "path": str(args.corpus.relative_to(ROOT)) if args.corpus.is_relative_to(ROOT) else str(args.corpus),
+            "dialogues": len(corpus.dialogues),
+            "multi_turn_share": round(corpus.multi_turn_share, 3),
+        },
+    }
+
+
+async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    corpus = Corpus(args.corpus, seed=args.seed)
+    results["ceiling"] = ceiling(corpus, args.ceiling_seconds)
+    servers = {}
+    for server, one_client in (
+        (batcher_server("batcher (defaults)"), True),
+        (batcher_server("batcher max_batch_size=1", "batching.max_batch_size=1"), True),
+        (naive_server("naive, padded to 128", "max"), False),
+        (naive_server("naive, dynamic padding", "dynamic"), False),
+    ):
+        print(f"== {server.name}", file=sys.stderr)
+        with server:
+            servers[server.name] = await measure_server(server, corpus, args, one_client=one_client)
+    results["servers"] = servers
+    if not args.skip_tuning:
+        rate = round(servers["batcher (defaults)"]["closed64"]["throughput_rps"] / 2, 1)
+        results["tuning_rate"] = rate
+        results["tuning"] = await tuning(corpus, args, rate)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=float, default=15, help="seconds of the 64-client steps")
+    parser.add_argument("--warmup", type=float, default=3, help="warm-up seconds before the 64-client steps")
+    parser.add_argument("--step-duration", type=float, default=8, help="seconds of each other step")
+    parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="seconds per in-process measurement")
+    parser.add_argument("--seed", type=int, default=1, help="corpus order and arrivals")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL corpus (default: test split)")
+    parser.add_argument("--skip-tuning", action="store_true", help="skip the max_batch_size x max_wait_ms sweep")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--out", type=Path, default=ROOT, help="where BENCHMARKS.md and bench/ go")
+    args = parser.parse_args()
+    results = uvloop.run(bench(args, header(args, Corpus(args.corpus, seed=args.seed))))
+    out_dir = args.out / "bench"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    from loadtest.benchmarks_md import render
+
+    (args.out / "BENCHMARKS.md").write_text(render(results, out_dir), encoding="utf-8")
+    print(f"wrote {args.out / 'BENCHMARKS.md'} and {out_dir}/", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Render BENCHMARKS.md (and its plots) from bench/results.json: every figure comes from one run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loadtest import report
+
+BATCHER = "batcher (defaults)"
+UNBATCHED = "batcher max_batch_size=1"
+NAIVE_MAX = "naive, padded to 128"
+NAIVE_DYNAMIC = "naive, dynamic padding"
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}×" if b else "n/a"
+
+
+def _check(ok: bool) -> str:
+    return "met" if ok else "**not met**"
+
+
+def render(results: dict[str, Any], out_dir: Path) -> str:
+    servers = results["servers"]
+    report.plot_latency(
+        {name: s["sweep"] for name, s in servers.items()},
+        out_dir / "latency_vs_throughput.png",
+        "open loop (Poisson): latency vs achieved throughput",
+    )
+    report.plot_batch_sizes(
+        servers[BATCHER]["sweep"], out_dir / "batch_sizes.png", "batcher (defaults): batch sizes per open-loop step"
+    )
+    best = results["ceiling"]["best"]
+    batcher64 = servers[BATCHER]["closed64"]
+    rps = {name: s["closed64"]["throughput_rps"] for name, s in servers.items()}
+    server_b = batcher64["server"]
+    half = min(servers[BATCHER]["sweep"], key=lambda r: abs(r["target"] - rps[BATCHER] / 2))
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Measured on {results['date']}, commit `{results['commit']}`, on {results['machine']}.",
+        f"Command: `{results['command']}`. Corpus: `{results['corpus']['path']}` "
+        f"({results['corpus']['dialogues']} dialogues, {results['corpus']['multi_turn_share']:.0%} multi-turn, "
+        f"mean {results['ceiling']['mean_tokens']} tokens), bundled model `models/intent-zh` (TinyBERT-4 shape, fp32).",
+        "The load generator (`python -m loadtest`) runs on the same 2 cores as the server; its CPU share is shown.",
+        "Every figure below comes from this one run; ratios compare servers measured minutes apart on this machine.",
+        "",
+        "## Targets",
+        "",
+        "| target | measured | |",
+        "|---|---|---|",
+        f"| batcher ≥ 12× naive padded to 128 (64 clients) | {_ratio(rps[BATCHER], rps[NAIVE_MAX])} "
+        f"| {_check(rps[BATCHER] >= 12 * rps[NAIVE_MAX])} |",
+        f"| batcher ≥ 2.2× naive with dynamic padding (64 clients) | {_ratio(rps[BATCHER], rps[NAIVE_DYNAMIC])} "
+        f"| {_check(rps[BATCHER] >= 2.2 * rps[NAIVE_DYNAMIC])} |",
+        f"| batcher ≥ 0.85× in-process ceiling | {_ratio(rps[BATCHER], best['sequences_per_s'])} "
+        f"| {_check(rps[BATCHER] >= 0.85 * best['sequences_per_s'])} |",
+        f"| open loop at half of batcher's max: p99 ≤ 50 ms | {half['p99_ms']:.1f} ms at {half['load']} "
+        f"| {_check(half['p99_ms'] <= 50)} |",
+        "",
+        "## 64 concurrent clients (closed loop)",
+        "",
+        "| server | req/s | vs naive-128 | p50 ms | p99 ms | errors | mean batch | model busy | server CPU "
+        "| loop CPU µs/req | client CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in servers.items():
+        row = s["closed64"]
+        srv = row["server"]
+        errors = sum(v for k, v in row["statuses"].items() if k != "200")
+        lines.append(
+            f"| {name} | {row['throughput_rps']:.0f} | {_ratio(row['throughput_rps'], rps[NAIVE_MAX])} "
+            f"| {row['p50_ms']:.1f} | {row['p99_ms']:.1f} | {errors} | {srv.get('mean_batch_size', '-')} "
+            f"| {_pct(srv.get('model_busy_share'))} | {_pct(srv.get('server_cpu_share'))} "
+            f"| {srv.get('event_loop_cpu_us_per_request', '-')} | {row['client_cpu_share']:.0%} |"
+        )
+    lines += [
+        "",
+        f"In-process ceiling (no HTTP): **{best['sequences_per_s']:.0f} sequences/s** "
+        f"({best['layout']}, batch {best['batch_size']}). batcher at 64 clients reaches "
+        f"{_ratio(rps[BATCHER], best['sequences_per_s'])} of it while the load generator, on the same cores, used "
+        f"{batcher64['client_cpu_share']:.0%} of a core and batcher's event loop "
+        f"{server_b.get('event_loop_cpu_us_per_request', '-')} µs of CPU per request.",
+        "",
+        "| layout | " + " | ".join(f"batch {b}" for b in (1, 8, 16, 32, 64)) + " |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layout in dict.fromkeys(r["layout"] for r in results["ceiling"]["all"]):
+        cells = [f"{r['sequences_per_s']:.0f}" for r in results["ceiling"]["all"] if r["layout"] == layout]
+        lines.append(f"| {layout} | " + " | ".join(cells) + " |")
+    lines += ["", "## One client (closed loop): what batching costs a lone client", ""]
+    lines += ["| server | median ms | p99 ms | req/s |", "|---|---|---|---|"]
+    for name in (BATCHER, UNBATCHED):
+        row = servers[name]["closed1"]
+        lines.append(f"| {name} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} | {row['throughput_rps']:.0f} |")
+    delta = servers[BATCHER]["closed1"]["p50_ms"] - servers[UNBATCHED]["closed1"]["p50_ms"]
+    lines += ["", f"Median difference: {delta:+.2f} ms (target: at most +1 ms).", ""]
+    lines += ["## Open loop (Poisson arrivals), swept from 25 % to 115 % of each server's 64-client throughput", ""]
+    lines += [
+        f"Latency is measured from each request's scheduled send time. The sweep stops once p99 passes "
+        f"{4 * 50:.0f} ms; the highest rate holding p99 ≤ 50 ms is marked.",
+        "",
+    ]
+    lines += [
+        "| server | offered req/s | achieved req/s | p50 ms | p99 ms | p99.9 ms | late | errors | mean batch |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, s in servers.items():
+        for row in s["sweep"]:
+            held = s["max_within_slo"]
+            mark = " ✓" if held is not None and held["load"] == row["load"] else ""
+            errors = sum(v for k, v in row["statuses"].items() if k != "200")
+            lines.append(
+                f"| {name}{mark} | {row['target']:.0f} | {row['throughput_rps']:.0f} | {row['p50_ms']:.1f} "
+                f"| {row['p99_ms']:.1f} | {row['p999_ms']:.1f} | {row['late']} | {errors} "
+                f"| {(row['server'] or {}).get('mean_batch_size', '-')} |"
+            )
+    lines += [
+        "",
+        "![latency vs throughput](bench/latency_vs_throughput.png)",
+        "",
+        "![batch sizes](bench/batch_sizes.png)",
+        "",
+    ]
+    if "tuning" in results:
+        lines += [
+            "## Tuning: max_batch_size × max_wait_ms",
+            "",
+            f"Closed loop at 64 clients (throughput, p99) and open loop at {results['tuning_rate']:g} req/s "
+            "(half of the defaults' 64-client throughput: p50, p99), each config its own server process.",
+            "",
+            "| max_batch_size | max_wait_ms | 64 clients req/s | 64 clients p99 ms | mean batch "
+            "| open p50 ms | open p99 ms |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in results["tuning"]:
+            closed, opened = row["closed64"], row["open"]
+            lines.append(
+                f"| {row['max_batch_size']} | {row['max_wait_ms']} | {closed['throughput_rps']:.0f} "
+                f"| {closed['p99_ms']:.1f} | {closed['server'].get('mean_batch_size', '-')} "
+                f"| {opened['p50_ms']:.2f} | {opened['p99_ms']:.1f} |"
+            )
+        lines.append("")
+    lines += ["Raw figures: `bench/results.json`.", ""]
+    return "\n".join(lines)
+
+
+def _pct(value: object) -> str:
+    return f"{value:.0%}" if isinstance(value, float) else "-"

@@ -1,0 +1,217 @@
+"""The load itself: closed loop (N clients, each sends when its last answer arrives) or
+open loop (requests scheduled at a fixed or Poisson arrival rate, whatever the server does).
+
+Open-loop latency is measured from each request's *scheduled* send time, so a generator
+or server stall shows up in the percentiles instead of being hidden (coordinated
+omission). Requests sent more than LATE_S after their schedule are counted as late;
+requests that could not be sent at all (too many in flight) are counted as unsent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import resource
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from hdrh.histogram import HdrHistogram
+
+LATE_S = 0.010
+MAX_LATENCY_US = 120_000_000
+MAX_IN_FLIGHT = 20_000
+HEADERS = {"Content-Type": "application/json"}
+
+
+def new_histogram() -> HdrHistogram:
+    return HdrHistogram(1, MAX_LATENCY_US, 3)
+
+
+@dataclass
+class Load:
+    mode: str  # "closed" or "open"
+    value: float  # clients (closed) or requests/s (open)
+    arrival: str = "poisson"
+
+    @property
+    def label(self) -> str:
+        if self.mode == "closed":
+            return f"concurrency={self.value:g}"
+        return f"rate={self.value:g}/s ({self.arrival})"
+
+
+@dataclass
+class StepResult:
+    load: Load
+    duration_s: float
+    statuses: Counter[str] = field(default_factory=Counter)
+    latency: HdrHistogram = field(default_factory=new_histogram)
+    ok_latency: HdrHistogram = field(default_factory=new_histogram)
+    late: int = 0
+    unsent: int = 0
+    client_cpu_s: float = 0.0
+    server: dict[str, object] = field(default_factory=dict)
+
+    @property
+    def answered(self) -> int:
+        return sum(count for status, count in self.statuses.items() if status.isdigit())
+
+    @property
+    def ok(self) -> int:
+        return self.statuses.get("200", 0)
+
+    def percentile_ms(self, percentile: float, *, ok_only: bool = False) -> float:
+        histogram = self.ok_latency if ok_only else self.latency
+        return histogram.get_value_at_percentile(percentile) / 1000 if histogram.get_total_count() else float("nan")
+
+    def summary(self, slo_ms: float | None = None) -> dict[str, Any]:
+        ok_within_slo = self.ok
+        if slo_ms is not None and self.ok:
+            ok_within_slo = sum(
+                item.count_added_in_this_iter_step
+                for item in self.ok_latency.get_recorded_iterator()
+                if item.value_iterated_to <= slo_ms * 1000
+            )
+        return {
+            "load": self.load.label,
+            "mode": self.load.mode,
+            "target": self.load.value,
+            "duration_s": round(self.duration_s, 3),
+            "requests": sum(self.statuses.values()),
+            "throughput_rps": round(self.answered / self.duration_s, 2),
+            "goodput_rps": round(ok_within_slo / self.duration_s, 2),
+            "p50_ms": round(self.percentile_ms(50), 3),
+            "p90_ms": round(self.percentile_ms(90), 3),
+            "p99_ms": round(self.percentile_ms(99), 3),
+            "p999_ms": round(self.percentile_ms(99.9), 3),
+            "max_ms": round(self.latency.get_max_value() / 1000, 3) if self.latency.get_total_count() else None,
+            "mean_ms": round(self.latency.get_mean_value() / 1000, 3) if self.latency.get_total_count() else None,
+            "statuses": dict(sorted(self.statuses.items())),
+            "late": self.late,
+            "unsent": self.unsent,
+            "client_cpu_share": round(self.client_cpu_s / self.duration_s, 3),
+            "server": self.server,
+        }
+
+
+def _status_bucket(status: int) -> str:
+    return str(status) if status in (200, 400, 413, 422, 429, 503, 504) else ("5xx" if status >= 500 else str(status))
+
+
+class Driver:
+    """Runs one load step against `url` with bodies from `bodies`."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        url: str,
+        bodies: Iterator[bytes],
+        *,
+        seed: int,
+        timeout_s: float,
+        progress: bool = True,
+    ) -> None:
+        self.session = session
+        self.url = url
+        self.bodies = bodies
+        self.seed = seed
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.progress = progress
+
+    async def run(
+        self, load: Load, *, duration_s: float, warmup_s: float, on_measure_start: object = None
+    ) -> StepResult:
+        """Warm up (results discarded), then measure for `duration_s`."""
+        loop = asyncio.get_running_loop()
+        if warmup_s > 0:
+            await self._drive(load, StepResult(load, warmup_s), loop.time() + warmup_s, record=False)
+        if on_measure_start is not None:
+            await on_measure_start()  # type: ignore[operator]
+        result = StepResult(load, duration_s)
+        cpu_before = _cpu_seconds()
+        ticker = asyncio.ensure_future(self._tick(result, loop.time(), duration_s)) if self.progress else None
+        await self._drive(load, result, loop.time() + duration_s, record=True)
+        if ticker is not None:
+            ticker.cancel()
+            print(file=sys.stderr)
+        result.client_cpu_s = _cpu_seconds() - cpu_before
+        return result
+
+    async def _drive(self, load: Load, result: StepResult, end: float, *, record: bool) -> None:
+        if load.mode == "closed":
+            await asyncio.gather(*(self._client(result, end, record) for _ in range(int(load.value))))
+        else:
+            await self._schedule(load, result, end, record)
+
+    async def _client(self, result: StepResult, end: float, record: bool) -> None:
+        loop = asyncio.get_running_loop()
+        while loop.time() < end:
+            await self._send(result, time.perf_counter(), record)
+
+    async def _schedule(self, load: Load, result: StepResult, end: float, record: bool) -> None:
+        loop = asyncio.get_running_loop()
+        rng = random.Random(self.seed)
+        in_flight: set[asyncio.Future[None]] = set()
+        scheduled = loop.time()
+        offset = time.perf_counter() - scheduled  # loop clock -> perf_counter clock
+        while True:
+            scheduled += rng.expovariate(load.value) if load.arrival == "poisson" else 1 / load.value
+            if scheduled >= end:
+                break
+            delay = scheduled - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if len(in_flight) >= MAX_IN_FLIGHT:
+                result.unsent += record
+                continue
+            if loop.time() - scheduled > LATE_S:
+                result.late += record
+            task = asyncio.ensure_future(self._send(result, scheduled + offset, record))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+        if in_flight:
+            await asyncio.wait(in_flight)
+
+    async def _send(self, result: StepResult, started: float, record: bool) -> None:
+        try:
+            async with self.session.post(
+                self.url, data=next(self.bodies), headers=HEADERS, timeout=self.timeout
+            ) as response:
+                await response.read()
+                status = _status_bucket(response.status)
+        except TimeoutError:
+            status = "timeout"
+        except aiohttp.ClientError:
+            status = "connection_error"
+        if not record:
+            return
+        elapsed_us = max(1, int((time.perf_counter() - started) * 1_000_000))
+        result.statuses[status] += 1
+        result.latency.record_value(min(elapsed_us, MAX_LATENCY_US))
+        if status == "200":
+            result.ok_latency.record_value(min(elapsed_us, MAX_LATENCY_US))
+
+    async def _tick(self, result: StepResult, started: float, duration_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        interactive = sys.stderr.isatty()
+        while True:
+            await asyncio.sleep(0.5 if interactive else 5)
+            elapsed = loop.time() - started
+            done = min(1.0, elapsed / duration_s)
+            errors = result.answered - result.ok + result.statuses["timeout"] + result.statuses["connection_error"]
+            line = (
+                f"[{'#' * int(done * 24):<24}] {result.load.label} {elapsed:5.1f}/{duration_s:.0f}s "
+                f"{result.answered / max(elapsed, 1e-9):7.1f} req/s ok={result.ok} errors={errors} "
+                f"p99={result.percentile_ms(99):.1f}ms"
+            )
+            print(("\r" if interactive else "") + line, end="" if interactive else "\n", file=sys.stderr, flush=True)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime

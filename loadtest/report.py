@@ -1,0 +1,125 @@
+"""Terminal table, JSON and CSV per step, and PNG plots for a run of load steps."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("load", "load"),
+    ("throughput_rps", "req/s"),
+    ("goodput_rps", "good/s"),
+    ("p50_ms", "p50 ms"),
+    ("p90_ms", "p90 ms"),
+    ("p99_ms", "p99 ms"),
+    ("p999_ms", "p99.9 ms"),
+    ("max_ms", "max ms"),
+)
+SERVER_COLUMNS = (
+    ("mean_batch_size", "batch"),
+    ("queue_wait_mean_ms", "queue ms"),
+    ("inference_mean_ms", "infer ms"),
+    ("model_busy_share", "busy"),
+    ("padding_ratio", "pad"),
+)
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    headers = [title for _, title in COLUMNS] + ["errors"] + [title for _, title in SERVER_COLUMNS] + ["client cpu"]
+    lines = []
+    for row in rows:
+        errors = sum(v for k, v in row["statuses"].items() if k != "200") + row["unsent"]
+        server = row.get("server") or {}
+        cells = [_fmt(row[key]) for key, _ in COLUMNS] + [str(errors)]
+        cells += [_fmt(server.get(key)) for key, _ in SERVER_COLUMNS] + [f"{row['client_cpu_share']:.0%}"]
+        lines.append(cells)
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True))]
+    out += ["  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(out)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.1f}" if value >= 10 else f"{value:.2f}"
+    return str(value)
+
+
+def write(rows: Sequence[dict[str, Any]], out: Path, name: str) -> None:
+    """`name`.json (everything) and `name`.csv (flat columns) under `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(list(rows), indent=1, ensure_ascii=False) + "\n")
+    flat = []
+    for row in rows:
+        item = {k: v for k, v in row.items() if k not in ("server", "statuses")}
+        item.update({f"status_{k}": v for k, v in row["statuses"].items()})
+        item.update({f"server_{k}": v for k, v in (row.get("server") or {}).items() if not isinstance(v, dict)})
+        flat.append(item)
+    fields = list(dict.fromkeys(key for item in flat for key in item))
+    with (out / f"{name}.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(flat)
+
+
+def plot_latency(series: dict[str, Sequence[dict[str, Any]]], path: Path, title: str) -> None:
+    """Latency percentiles against achieved throughput, one line set per server."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7.5, 4.5))
+    for index, (name, rows) in enumerate(series.items()):
+        rows = sorted(rows, key=lambda r: r["throughput_rps"])
+        x = [r["throughput_rps"] for r in rows]
+        color = f"C{index}"
+        axes.plot(x, [r["p99_ms"] for r in rows], "-o", color=color, label=f"{name} p99", markersize=3)
+        axes.plot(x, [r["p50_ms"] for r in rows], "--", color=color, label=f"{name} p50", alpha=0.7)
+    axes.set_yscale("log")
+    axes.set_xlabel("achieved throughput (requests/s)")
+    axes.set_ylabel("latency (ms, log)")
+    axes.set_title(title)
+    axes.grid(True, which="both", alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_batch_sizes(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Distribution of batch sizes (by histogram bucket) for each step."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(figsize=(7.5, 4))
+    buckets = sorted(
+        {k for r in rows for k in (r.get("server") or {}).get("batch_size_distribution", {})},
+        key=lambda k: float(k[2:]),
+    )
+    width = 0.8 / max(1, len(rows))
+    for index, row in enumerate(rows):
+        distribution = (row.get("server") or {}).get("batch_size_distribution", {})
+        total = sum(distribution.values()) or 1
+        axes.bar(
+            [i + index * width for i in range(len(buckets))],
+            [distribution.get(b, 0) / total for b in buckets],
+            width=width,
+            label=row["load"],
+        )
+    axes.set_xticks([i + 0.4 - width / 2 for i in range(len(buckets))], [b.replace("le", "≤") for b in buckets])
+    axes.set_xlabel("batch size (histogram bucket)")
+    axes.set_ylabel("share of batches")
+    axes.set_title(title)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -1,0 +1,100 @@
+"""Server-side breakdown of one load step, from batcher's /metrics read before and after it."""
+
+from __future__ import annotations
+
+import math
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+async def scrape(session: aiohttp.ClientSession, url: str) -> Samples:
+    """All samples of `url` (a /metrics page), or nothing if the server has none."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as response:
+            if response.status != 200:
+                return {}
+            text = await response.text()
+    except (aiohttp.ClientError, TimeoutError):
+        return {}
+    samples: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
+
+def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    key = (name, tuple(sorted(labels.items())))
+    return after.get(key, 0.0) - before.get(key, 0.0)
+
+
+def _buckets(before: Samples, after: Samples, name: str) -> list[tuple[float, float]]:
+    """(upper bound, cumulative count delta) of a histogram, sorted by bound."""
+    rows = []
+    for (sample, labels), value in after.items():
+        if sample == f"{name}_bucket":
+            bound = float(dict(labels)["le"])
+            rows.append((bound, value - before.get((sample, labels), 0.0)))
+    return sorted(rows)
+
+
+def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:
+    """Upper bound of the bucket holding quantile q (what histogram_quantile bounds)."""
+    total = buckets[-1][1] if buckets else 0
+    if not total:
+        return None
+    for bound, cumulative in buckets:
+        if cumulative >= q * total:
+            return bound
+    return math.inf
+
+
+def breakdown(before: Samples, after: Samples, wall_s: float) -> dict[str, object]:
+    """Batch sizes, queue wait vs inference, padding, rejections and CPU over one step."""
+    if not any(name.startswith("batcher_") for name, _ in after):
+        return {}
+    batches = _delta(before, after, "batcher_batch_size_count")
+    rows = _delta(before, after, "batcher_batch_size_sum")
+    requests = _delta(before, after, "batcher_queue_wait_seconds_count")
+    size_buckets = _buckets(before, after, "batcher_batch_size")
+    distribution: dict[str, float] = {}
+    previous = 0.0
+    for bound, cumulative in size_buckets:
+        if cumulative - previous:
+            distribution[f"le{bound:g}"] = cumulative - previous
+        previous = cumulative
+    real = _delta(before, after, "batcher_batch_tokens_total", kind="real")
+    padding = _delta(before, after, "batcher_batch_tokens_total", kind="padding")
+    queue_buckets = _buckets(before, after, "batcher_queue_wait_seconds")
+    inference_buckets = _buckets(before, after, "batcher_inference_duration_seconds")
+
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(value * 1000, 3)
+
+    loop_cpu = _delta(before, after, "batcher_event_loop_cpu_seconds_total")
+    return {
+        "batches": batches,
+        "mean_batch_size": round(rows / batches, 2) if batches else None,
+        "batch_size_distribution": distribution,
+        "queue_wait_mean_ms": ms(_delta(before, after, "batcher_queue_wait_seconds_sum") / requests)
+        if requests
+        else None,
+        "queue_wait_p50_ms_le": ms(_quantile(queue_buckets, 0.5)),
+        "queue_wait_p99_ms_le": ms(_quantile(queue_buckets, 0.99)),
+        "inference_mean_ms": ms(_delta(before, after, "batcher_inference_duration_seconds_sum") / batches)
+        if batches
+        else None,
+        "inference_p99_ms_le": ms(_quantile(inference_buckets, 0.99)),
+        "padding_ratio": round(padding / (real + padding), 3) if real + padding else None,
+        "model_busy_share": round(_delta(before, after, "batcher_model_busy_seconds_total") / wall_s, 3),
+        "rejected": {
+            reason: _delta(before, after, "batcher_rejected_total", reason=reason)
+            for reason in ("queue_full", "deadline", "disconnected", "invalid", "model_error", "not_ready")
+        },
+        "server_cpu_share": round(_delta(before, after, "process_cpu_seconds_total") / wall_s, 3),
+        "event_loop_cpu_share": round(loop_cpu / wall_s, 3),
+        "event_loop_cpu_us_per_request": round(loop_cpu / requests * 1e6, 1) if requests else None,
+    }
