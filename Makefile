@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: help run test lint typecheck pytest clean
+.PHONY: help run test lint typecheck pytest dataset train evaluate bench loadtest clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -17,6 +17,14 @@ $(VENV)/.runtime: requirements.txt
 
 $(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+$(VENV)/.train: requirements-train.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-train.txt
+	touch $@
+
+$(VENV)/.bench: loadtest/requirements.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet --disable-pip-version-check -r loadtest/requirements.txt
 	touch $@
 
 run: $(VENV)/.runtime  ## serve the configured model on port 8000 (ARGS="--set batching.max_wait_ms=1")
@@ -33,6 +41,21 @@ typecheck: $(VENV)/.dev  ## mypy --strict over the package and tests
 
 pytest: $(VENV)/.dev  ## the tests only
 	$(PY) -m pytest -q $(ARGS)
+
+dataset: $(VENV)/.runtime  ## regenerate data/intents from scripts/dataset_phrases.py (fixed seed)
+	$(PY) scripts/make_dataset.py
+
+train: $(VENV)/.train  ## rebuild models/intent-zh: tokenizer, model, model.onnx, model.int8.onnx (~5 min, 2 cores)
+	$(PY) scripts/train.py
+
+evaluate: $(VENV)/.train  ## test-split accuracy and speed of models/intent-zh, into its model card
+	$(PY) scripts/evaluate.py
+
+bench: $(VENV)/.bench  ## the full benchmark (~15 min): writes BENCHMARKS.md and bench/
+	$(PY) -m loadtest.bench $(ARGS)
+
+loadtest: $(VENV)/.bench  ## load a running server: make loadtest ARGS="run --concurrency 64"
+	$(PY) -m loadtest $(ARGS)
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

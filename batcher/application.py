@@ -58,7 +58,7 @@ async def lifecycle(app: web.Application, *, model: Model | None) -> AsyncIterat
     service = app[SERVICE]
     settings = service.settings
     loop = asyncio.get_running_loop()
-    bundle = await loop.run_in_executor(None, load_bundle, settings.model_dir)
+    bundle = await loop.run_in_executor(None, load_bundle, settings.model_dir, settings.model.file)
     encoder = await loop.run_in_executor(None, TextEncoder.from_bundle, bundle.directory, settings.model.max_seq_len)
     if model is None:
         model = await loop.run_in_executor(None, OnnxModel, bundle, settings.model)

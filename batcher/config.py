@@ -51,6 +51,8 @@ class ModelSettings:
     path: str = "models/intent-zh"
     """Model bundle directory: model.onnx, tokenizer.json or vocab.txt, labels.json or config.json.
     A relative path is resolved against the directory of the config file."""
+    file: str = "model.onnx"
+    """Graph file inside the bundle; `model.int8.onnx` serves the quantized copy."""
     name: str = ""
     """Name shown in `GET /` and metrics; empty means the bundle directory's name."""
     max_seq_len: int = 128

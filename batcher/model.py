@@ -58,11 +58,11 @@ class ModelBundle:
         return self.directory.resolve().name
 
 
-def load_bundle(directory: Path) -> ModelBundle:
+def load_bundle(directory: Path, file: str = "model.onnx") -> ModelBundle:
     """Check a bundle directory and read its labels; errors name the file and the problem."""
     if not directory.is_dir():
         raise BundleError(f"model bundle {directory} is not a directory")
-    model_path = directory / "model.onnx"
+    model_path = directory / file
     if not model_path.is_file():
         raise BundleError(f"{model_path} is missing")
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import os
 import platform
@@ -39,6 +40,8 @@ from loadtest.driver import Load
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "intent-zh"
 SLO_P99_MS = 50.0
+LAYOUTS = (("1 session x 2 threads", 1, 2), ("2 sessions x 1 thread", 2, 1), ("1 session x 1 thread", 1, 1))
+CEILING_BATCH_SIZES = (1, 8, 32, 64)
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.15)
 TUNING_BATCH_SIZES = (8, 16, 32, 64)
 TUNING_WAITS_MS = (0, 2, 5)
@@ -140,14 +143,13 @@ def ceiling(corpus: Corpus, seconds: float) -> dict[str, Any]:
         counts.append(done)
 
     results: list[dict[str, Any]] = []
-    for layout, sessions, threads in (
-        ("1 session x 2 threads", 1, 2),
-        ("2 sessions x 1 thread", 2, 1),
-        ("1 session x 1 thread", 1, 1),
-    ):
+    orderings = {"corpus order": rows, "sorted by length": sorted(rows, key=len)}
+    for (layout, sessions, threads), (ordering, ordered) in itertools.product(LAYOUTS, orderings.items()):
         pool = [session(threads) for _ in range(sessions)]
-        for batch_size in (1, 8, 16, 32, 64):
-            batches = [pad_batch(rows[i : i + batch_size], encoder.pad_id) for i in range(0, len(rows), batch_size)]
+        for batch_size in CEILING_BATCH_SIZES:
+            batches = [
+                pad_batch(ordered[i : i + batch_size], encoder.pad_id) for i in range(0, len(ordered), batch_size)
+            ]
             for sess in pool:
                 worker(sess, batches[:2], 0, [])  # warm-up
             counts: list[int] = []
@@ -158,8 +160,10 @@ def ceiling(corpus: Corpus, seconds: float) -> dict[str, Any]:
             for t in threads_:
                 t.join()
             rate = sum(counts) / (time.perf_counter() - started)
-            results.append({"layout": layout, "batch_size": batch_size, "sequences_per_s": round(rate, 1)})
-            print(f"ceiling: {layout}, batch {batch_size}: {rate:.0f} seq/s", file=sys.stderr)
+            results.append(
+                {"layout": layout, "ordering": ordering, "batch_size": batch_size, "sequences_per_s": round(rate, 1)}
+            )
+            print(f"ceiling: {layout}, {ordering}, batch {batch_size}: {rate:.0f} seq/s", file=sys.stderr)
     best = max(results, key=lambda r: r["sequences_per_s"])
     return {"best": best, "all": results, "mean_tokens": round(float(np.mean([len(r) for r in rows])), 1)}
 

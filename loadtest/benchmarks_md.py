@@ -32,6 +32,7 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         servers[BATCHER]["sweep"], out_dir / "batch_sizes.png", "batcher (defaults): batch sizes per open-loop step"
     )
     best = results["ceiling"]["best"]
+    sizes = sorted({r["batch_size"] for r in results["ceiling"]["all"]})
     batcher64 = servers[BATCHER]["closed64"]
     rps = {name: s["closed64"]["throughput_rps"] for name, s in servers.items()}
     server_b = batcher64["server"]
@@ -78,17 +79,21 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
     lines += [
         "",
         f"In-process ceiling (no HTTP): **{best['sequences_per_s']:.0f} sequences/s** "
-        f"({best['layout']}, batch {best['batch_size']}). batcher at 64 clients reaches "
+        f"({best['layout']}, batch {best['batch_size']}, {best['ordering']}). batcher at 64 clients reaches "
         f"{_ratio(rps[BATCHER], best['sequences_per_s'])} of it while the load generator, on the same cores, used "
         f"{batcher64['client_cpu_share']:.0%} of a core and batcher's event loop "
         f"{server_b.get('event_loop_cpu_us_per_request', '-')} µs of CPU per request.",
         "",
-        "| layout | " + " | ".join(f"batch {b}" for b in (1, 8, 16, 32, 64)) + " |",
-        "|---|---|---|---|---|---|",
+        "| layout | batches from | " + " | ".join(f"batch {b}" for b in sizes) + " |",
+        "|---|---|" + "---|" * len(sizes),
     ]
-    for layout in dict.fromkeys(r["layout"] for r in results["ceiling"]["all"]):
-        cells = [f"{r['sequences_per_s']:.0f}" for r in results["ceiling"]["all"] if r["layout"] == layout]
-        lines.append(f"| {layout} | " + " | ".join(cells) + " |")
+    for layout, ordering in dict.fromkeys((r["layout"], r["ordering"]) for r in results["ceiling"]["all"]):
+        cells = [
+            f"{r['sequences_per_s']:.0f}"
+            for r in results["ceiling"]["all"]
+            if r["layout"] == layout and r["ordering"] == ordering
+        ]
+        lines.append(f"| {layout} | {ordering} | " + " | ".join(cells) + " |")
     lines += ["", "## One client (closed loop): what batching costs a lone client", ""]
     lines += ["| server | median ms | p99 ms | req/s |", "|---|---|---|---|"]
     for name in (BATCHER, UNBATCHED):

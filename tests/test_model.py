@@ -106,3 +106,11 @@ def test_warm_up_runs_every_shape(tiny_bundle: Path) -> None:
 
     warm_up(Recorder(), pad_id=0, batch_sizes=[1, 4], lengths=[8, 16], runs=2)
     assert seen == [(1, 8), (1, 16), (4, 8), (4, 16)] * 2
+
+
+def test_graph_file_is_configurable(tmp_path: Path, tiny_bundle: Path) -> None:
+    bundle_dir = copy_bundle(tiny_bundle, tmp_path / "b")
+    (bundle_dir / "model.onnx").rename(bundle_dir / "other.onnx")
+    assert load_bundle(bundle_dir, "other.onnx").model_path.name == "other.onnx"
+    with pytest.raises(BundleError, match=r"model\.onnx is missing"):
+        load_bundle(bundle_dir)

@@ -132,3 +132,16 @@ def test_selection_respects_limits_and_loses_nothing(items: list[tuple[int, str]
         assert sorted(map(id, seen)) == sorted(map(id, everything))  # each exactly once
     finally:
         loop.close()
+
+
+def test_splits_by_length_when_padding_costs_more_than_a_run(loop: asyncio.AbstractEventLoop) -> None:
+    mixed = [12, 50, 12, 12, 50, 12, 12, 12] * 4  # 32 requests: one batch by size, but half padding
+    short_first = take_batch(deque(entry(loop, n, at=i) for i, n in enumerate(mixed)), BatchLimits(32, 10_000), 1.0)
+    assert lengths(short_first.batch) == [12] * 24
+    long_first = take_batch(deque(entry(loop, n, at=i) for i, n in enumerate(mixed[1:])), BatchLimits(32, 10_000), 1.0)
+    assert lengths(long_first.batch) == [50] * 8
+
+
+def test_small_padding_is_cheaper_than_a_second_run(loop: asyncio.AbstractEventLoop) -> None:
+    pending = deque(entry(loop, n) for n in (12, 13, 12, 14))
+    assert lengths(take_batch(pending, BatchLimits(32, 10_000, overhead_tokens=16), 1.0).batch) == [12, 13, 12, 14]
