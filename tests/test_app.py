@@ -154,3 +154,22 @@ def test_help_text() -> None:
         [sys.executable, str(ROOT / "app.py"), "--help"], capture_output=True, text=True, check=True
     )
     assert "--set" in result.stdout and "BATCHER_" in result.stdout
+
+
+async def test_bundled_model_answers_the_guide_examples() -> None:
+    """`make run` serves models/intent-zh: the old guide's two examples get their intents."""
+    process, url = start(ROOT / "models" / "intent-zh", config=ROOT / "config.toml")
+    wait_ready(process, url, timeout_s=60)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for text, intent in (("我们有空一起去看风景好不好", "闲聊"), ("播放周杰伦的歌", "音乐播放")):
+                body = {"turns": [{"speaker": "user", "text": text}]}
+                async with session.post(f"{url}/predict", json=body) as response:
+                    assert response.status == 200
+                    assert (await response.json())["intent_name"] == intent
+            async with session.get(f"{url}/intents") as response:
+                names = [item["name"] for item in (await response.json())["intents"]]
+            assert names[:3] == ["问题求助/技术支持", "闲聊", "天气查询"] and len(names) == 12
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert finish(process, 30)[0] == 0
