@@ -1,0 +1,148 @@
+"""deploy/: promtool accepts the Prometheus config and alert rules (and their unit tests
+pass), and every Grafana panel query returns data from a real Prometheus scraping a real
+batcher under load. Skips, saying why, only where the Prometheus binaries are absent
+(`.ci/run` installs Debian's `prometheus` package)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import re
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.test_app import ROOT, finish, free_port, start, wait_ready
+
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "batcher.json"
+PROMTOOL = shutil.which("promtool")
+PROMETHEUS = shutil.which("prometheus")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed (apt-get install prometheus)")
+needs_prometheus = pytest.mark.skipif(
+    PROMETHEUS is None, reason="prometheus not installed (apt-get install prometheus)"
+)
+
+
+def panel_queries() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    return [(panel["title"], target["expr"]) for panel in dashboard["panels"] for target in panel["targets"]]
+
+
+def test_dashboard_is_importable_shape() -> None:
+    dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
+    assert len(dashboard["panels"]) >= 10
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource"
+    assert {"job", "instance"} <= set(variables)
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == "${datasource}"
+        assert panel["targets"], panel["title"]
+    assert len({panel["id"] for panel in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+@needs_promtool
+@pytest.mark.parametrize(
+    "command",
+    [["check", "config", "prometheus.yml"], ["check", "rules", "alerts.yml"], ["test", "rules", "alerts_test.yml"]],
+)
+def test_promtool_accepts_config_rules_and_rule_tests(command: list[str]) -> None:
+    assert PROMTOOL is not None
+    result = subprocess.run([PROMTOOL, *command], cwd=DEPLOY / "prometheus", capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def start_prometheus(config: Path, storage: Path, port: int) -> subprocess.Popen[bytes]:
+    assert PROMETHEUS is not None
+    args = [
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={storage}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def concrete(expr: str) -> str:
+    """A panel query with Grafana's variables filled in as Grafana would for 'All'."""
+    return expr.replace("$__rate_interval", "15s").replace("$job", ".*").replace("$instance", ".*")
+
+
+async def drive(url: str, stop: asyncio.Event) -> None:
+    good = {"turns": [{"speaker": "user", "text": "播放周杰伦的歌"}]}
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            requests = [session.post(f"{url}/predict", json=good) for _ in range(8)]
+            requests += [session.post(f"{url}/predict", data=b"{bad"), session.post(f"{url}/predict", json={})]
+            requests.append(session.post(f"{url}/predict/batch", json={"items": [good, good]}))
+            requests.append(session.get(f"{url}/nope"))
+            for response in await asyncio.gather(*requests):
+                response.release()
+            await asyncio.sleep(0.05)
+
+
+async def query(session: aiohttp.ClientSession, prometheus: str, expr: str) -> list[dict[str, Any]]:
+    async with session.get(f"{prometheus}/api/v1/query", params={"query": expr}) as response:
+        body = await response.json()
+    assert body["status"] == "success", (expr, body)
+    return body["data"]["result"]  # type: ignore[no-any-return]
+
+
+@needs_prometheus
+async def test_every_dashboard_query_returns_data_from_real_prometheus(tiny_bundle: Path, tmp_path: Path) -> None:
+    server, url = start(tiny_bundle)
+    wait_ready(server, url)
+    port = free_port()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(
+        "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
+        f"rule_files: ['{DEPLOY / 'prometheus' / 'alerts.yml'}']\n"
+        "scrape_configs:\n"
+        f"  - job_name: batcher\n    static_configs: [{{targets: ['{url.removeprefix('http://')}']}}]\n"
+    )
+    prometheus_url = f"http://127.0.0.1:{port}"
+    prometheus = start_prometheus(config, tmp_path / "tsdb", port)
+    stop = asyncio.Event()
+    traffic = asyncio.ensure_future(drive(url, stop))
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 60
+            missing: list[str] = []
+            while time.monotonic() < deadline:
+                await asyncio.sleep(2)
+                missing = []
+                for title, expr in panel_queries():
+                    try:
+                        result = await query(session, prometheus_url, concrete(expr))
+                    except aiohttp.ClientError:
+                        result = []
+                    values = [float(item["value"][1]) for item in result]
+                    if not any(math.isfinite(value) for value in values):
+                        missing.append(f"{title}: {expr}")
+                if not missing:
+                    break
+            assert not missing, "queries without data:\n" + "\n".join(missing)
+            async with session.get(f"{prometheus_url}/api/v1/rules") as response:
+                rules = await response.json()
+            assert len(rules["data"]["groups"][0]["rules"]) == 6
+            async with session.get(f"{url}/metrics") as response:
+                exposed = set(re.findall(r"^# TYPE (batcher_\w+) ", await response.text(), flags=re.M))
+        used = " ".join(expr for _, expr in panel_queries())
+        unused = {
+            family for family in exposed if not re.search(rf"\b{family}(_total|_bucket|_sum|_count|_info)?\b", used)
+        }
+        assert not unused, f"metric families on no panel: {sorted(unused)}"
+    finally:
+        stop.set()
+        await traffic
+        prometheus.send_signal(signal.SIGTERM)
+        prometheus.wait(timeout=20)
+        server.send_signal(signal.SIGTERM)
+        finish(server, 20)
