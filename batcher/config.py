@@ -59,8 +59,9 @@ class ModelSettings:
     """Longest token sequence fed to the model; longer dialogues keep their end."""
     device: Device = "auto"
     """`auto` uses CUDA only when a session really runs on it, else CPU."""
-    intra_op_threads: int = 0
-    """Threads ONNX Runtime uses inside one operator; 0 = one per core."""
+    intra_op_threads: int = 1
+    """Threads ONNX Runtime uses inside one operator; 0 = one per core. With
+    batching.instances = 2 on 2 cores, one thread per run measured fastest (BENCHMARKS.md)."""
     inter_op_threads: int = 1
     """Threads ONNX Runtime uses across independent operators."""
     graph_optimization: GraphOptimization = "all"
@@ -80,8 +81,9 @@ class ModelSettings:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class BatchingSettings:
-    max_batch_size: int = 32
-    """Most requests in one model run. 1 disables batching."""
+    max_batch_size: int = 16
+    """Most requests in one model run. 1 disables batching. Chosen by the tuning sweep in
+    BENCHMARKS.md: larger batches add latency without adding throughput on 2 cores."""
     max_batch_tokens: int = 8192
     """Most padded tokens (rows x longest row) in one model run."""
     max_wait_ms: float = 2.0
@@ -92,8 +94,9 @@ class BatchingSettings:
     request_timeout_ms: float = 10_000.0
     """Deadline from admission to answer; a request still queued then gets 504 and is
     never computed."""
-    instances: int = 1
-    """Model runs that may be in flight at once (worker threads sharing one session)."""
+    instances: int = 2
+    """Model runs that may be in flight at once (worker threads sharing one session).
+    Two single-threaded runs use 2 cores better than one two-threaded run (BENCHMARKS.md)."""
 
     def __post_init__(self) -> None:
         _check_range("batching.max_batch_size", self.max_batch_size, 1, 4096)

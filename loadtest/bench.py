@@ -45,6 +45,19 @@ CEILING_BATCH_SIZES = (1, 8, 32, 64)
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.15)
 TUNING_BATCH_SIZES = (8, 16, 32, 64)
 TUNING_WAITS_MS = (0, 2, 5)
+# Thread layouts on 2 cores: (label, overrides), compared at the default batching settings.
+TUNING_LAYOUTS = (
+    ("1 instance x 2 threads", ("batching.instances=1", "model.intra_op_threads=2")),
+    (
+        "1 instance x 2 threads, spinning",
+        ("batching.instances=1", "model.intra_op_threads=2", "model.allow_spinning=true"),
+    ),
+    ("2 instances x 1 thread", ("batching.instances=2", "model.intra_op_threads=1")),
+    (
+        "2 instances x 1 thread, spinning",
+        ("batching.instances=2", "model.intra_op_threads=1", "model.allow_spinning=true"),
+    ),
+)
 
 
 def free_port() -> int:

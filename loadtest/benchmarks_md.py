@@ -133,17 +133,21 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
             "## Tuning: max_batch_size × max_wait_ms",
             "",
             f"Closed loop at 64 clients (throughput, p99) and open loop at {results['tuning_rate']:g} req/s "
-            "(half of the defaults' 64-client throughput: p50, p99), each config its own server process.",
+            "(half of the defaults' 64-client throughput: p50, p99), each config its own server process. "
+            "`layout` rows vary the thread layout at the default batching settings; `batching` rows vary "
+            "max_batch_size and max_wait_ms at the default layout. Model busy is summed over instances "
+            "(2 instances fully busy = 200 %).",
             "",
-            "| max_batch_size | max_wait_ms | 64 clients req/s | 64 clients p99 ms | mean batch "
+            "| sweep | config | 64 clients req/s | 64 clients p99 ms | mean batch | model busy "
             "| open p50 ms | open p99 ms |",
-            "|---|---|---|---|---|---|---|",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for row in results["tuning"]:
             closed, opened = row["closed64"], row["open"]
             lines.append(
-                f"| {row['max_batch_size']} | {row['max_wait_ms']} | {closed['throughput_rps']:.0f} "
+                f"| {row['kind']} | {row['config']} | {closed['throughput_rps']:.0f} "
                 f"| {closed['p99_ms']:.1f} | {closed['server'].get('mean_batch_size', '-')} "
+                f"| {_pct(closed['server'].get('model_busy_share'))} "
                 f"| {opened['p50_ms']:.2f} | {opened['p99_ms']:.1f} |"
             )
         lines.append("")

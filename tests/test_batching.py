@@ -93,7 +93,7 @@ async def test_full_queue_answers_429_at_once() -> None:
     model = FakeModel()
     model.armed = True
     model.gate.clear()
-    batcher, metrics = make_batcher(model, max_batch_size=1, max_queue_size=2, max_wait_ms=0)
+    batcher, metrics = make_batcher(model, max_batch_size=1, max_queue_size=2, max_wait_ms=0, instances=1)
     running = batcher.submit(row(3))
     await asyncio.sleep(0.05)
     queued = [batcher.submit(row(3)), batcher.submit(row(3))]
@@ -109,7 +109,7 @@ async def test_deadline_passes_while_queued_and_is_never_computed() -> None:
     model = FakeModel()
     model.armed = True
     model.gate.clear()
-    batcher, metrics = make_batcher(model, max_batch_size=1, request_timeout_ms=100, max_wait_ms=0)
+    batcher, metrics = make_batcher(model, max_batch_size=1, request_timeout_ms=100, max_wait_ms=0, instances=1)
     running = batcher.submit(row(3))
     await asyncio.sleep(0.02)
     late = batcher.submit(row(3))
@@ -181,3 +181,16 @@ async def test_close_answers_everything_admitted_then_refuses() -> None:
     assert all(f.done() and f.exception() is None for f in futures)
     with pytest.raises(Draining):
         batcher.submit(row(3))
+
+
+async def test_instances_run_batches_concurrently() -> None:
+    model = FakeModel(delay_s=0.3)
+    batcher, metrics = make_batcher(model, max_wait_ms=0, instances=2)
+    started = time.perf_counter()
+    first = batcher.submit(row(3))
+    await asyncio.sleep(0.02)  # the first run has started; the second goes to the other instance
+    second = batcher.submit(row(3))
+    await asyncio.gather(first, second)
+    assert time.perf_counter() - started < 0.55  # not 0.6 s one after the other
+    assert value(metrics, "batcher_batch_size_count") == 2
+    await batcher.close(1)

@@ -80,6 +80,8 @@ async def test_predict_matches_the_model_run_alone(make_client: MakeClient, tiny
     assert float(response.headers["x-inference-time-ms"]) > 0
     assert float(response.headers["x-queue-time-ms"]) >= 0
     assert len(response.headers["x-request-id"]) == 32
+    second = await client.post("/predict", json=ONE)
+    assert second.headers["x-request-id"] != response.headers["x-request-id"]
 
 
 async def test_probabilities_only_when_asked(make_client: MakeClient) -> None:
@@ -207,7 +209,11 @@ async def test_queue_full_is_429_with_retry_after(make_client: MakeClient) -> No
     # FakeModel: the point is queue timing, the model is held on a gate.
     model = FakeModel()
     client = await make_client(
-        "batching.max_batch_size=1", "batching.max_queue_size=2", "batching.max_wait_ms=0", model=model
+        "batching.max_batch_size=1",
+        "batching.max_queue_size=2",
+        "batching.max_wait_ms=0",
+        "batching.instances=1",
+        model=model,
     )
     model.armed = True
     model.gate.clear()
