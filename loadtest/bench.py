@@ -201,30 +201,34 @@ async def measure_server(
 
 
 async def tuning(corpus: Corpus, args: argparse.Namespace, rate: float) -> list[dict[str, Any]]:
+    """Thread layouts at the default batching settings, then max_batch_size x max_wait_ms at the
+    default layout; each config a fresh server, a 64-client step and an open-loop step at `rate`."""
+    configs: list[tuple[str, str, tuple[str, ...]]] = [("layout", label, o) for label, o in TUNING_LAYOUTS]
+    configs += [
+        (
+            "batching",
+            f"max_batch_size={size} max_wait_ms={wait}",
+            (f"batching.max_batch_size={size}", f"batching.max_wait_ms={wait}"),
+        )
+        for size in TUNING_BATCH_SIZES
+        for wait in TUNING_WAITS_MS
+    ]
     rows = []
-    for size in TUNING_BATCH_SIZES:
-        for wait in TUNING_WAITS_MS:
-            name = f"max_batch_size={size} max_wait_ms={wait}"
-            with batcher_server(name, f"batching.max_batch_size={size}", f"batching.max_wait_ms={wait}") as server:
-                common = {"corpus": corpus, "seed": args.seed, "progress": not args.quiet}
-                closed = (
-                    await run_steps(
-                        server.url, [Load("closed", 64)], duration_s=args.step_duration, warmup_s=1, **common
-                    )
-                )[0]
-                opened = (
-                    await run_steps(
-                        server.url, [Load("open", rate)], duration_s=args.step_duration, warmup_s=1, **common
-                    )
-                )[0]
-            rows.append(
-                {"config": name, "max_batch_size": size, "max_wait_ms": wait, "closed64": closed, "open": opened}
-            )
-            print(
-                f"tuning {name}: {closed['throughput_rps']:.0f} req/s at 64 clients, open {rate:g}/s p99 "
-                f"{opened['p99_ms']:.1f} ms",
-                file=sys.stderr,
-            )
+    common: dict[str, Any] = {"corpus": corpus, "seed": args.seed, "progress": not args.quiet}
+    for kind, name, overrides in configs:
+        with batcher_server(name, *overrides) as server:
+            closed = (
+                await run_steps(server.url, [Load("closed", 64)], duration_s=args.step_duration, warmup_s=1, **common)
+            )[0]
+            opened = (
+                await run_steps(server.url, [Load("open", rate)], duration_s=args.step_duration, warmup_s=1, **common)
+            )[0]
+        rows.append({"kind": kind, "config": name, "closed64": closed, "open": opened})
+        print(
+            f"tuning {name}: {closed['throughput_rps']:.0f} req/s at 64 clients, open {rate:g}/s p99 "
+            f"{opened['p99_ms']:.1f} ms",
+            file=sys.stderr,
+        )
     return rows
 
 

@@ -50,7 +50,7 @@ async def test_requests_queued_while_the_model_is_busy_share_one_batch() -> None
     model = FakeModel()
     model.armed = True
     model.gate.clear()
-    batcher, metrics = make_batcher(model, max_batch_size=16, max_wait_ms=0)
+    batcher, metrics = make_batcher(model, max_batch_size=16, max_wait_ms=0, instances=1)
     first = batcher.submit(row(3))
     await asyncio.sleep(0.05)  # first is now running (blocked on the gate)
     rest = [batcher.submit(row(3)) for _ in range(10)]
