@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: help run test lint typecheck pytest dataset train evaluate bench loadtest clean
+.PHONY: help run test lint typecheck pytest dataset train evaluate bench loadtest reliability soak fuzz clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -56,6 +56,14 @@ bench: $(VENV)/.bench  ## the full benchmark (~15 min): writes BENCHMARKS.md and
 
 loadtest: $(VENV)/.bench  ## load a running server: make loadtest ARGS="run --concurrency 64"
 	$(PY) -m loadtest $(ARGS)
+
+reliability: $(VENV)/.dev  ## overload, disconnect storm, shutdown, 10-min soak, long fuzz: RELIABILITY.md (~20 min)
+	$(PY) -m loadtest.reliability $(ARGS)
+
+soak: reliability  ## the 10-minute soak is part of the reliability run (one run, one RELIABILITY.md)
+
+fuzz: $(VENV)/.dev  ## schemathesis against /openapi.json, 1,000 examples per operation (>= 5,000 cases)
+	$(PY) -m loadtest.fuzz --examples 1000
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

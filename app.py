@@ -17,7 +17,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from batcher.application import create_app
+from batcher.application import create_app, create_metrics_app, install_log_filters
 from batcher.config import Settings, load_settings
 from batcher.errors import StartupError
 from batcher.handlers import SERVICE
@@ -67,6 +67,12 @@ async def serve(settings: Settings) -> None:
     await runner.setup()  # loads, checks and warms the model; raises StartupError
     site = web.TCPSite(runner, settings.server.host, settings.server.port)
     await site.start()
+    metrics_runner = None
+    if settings.server.expose_metrics and settings.server.metrics_port:
+        metrics_runner = web.AppRunner(create_metrics_app(app), handle_signals=False, access_log=None)
+        await metrics_runner.setup()
+        await web.TCPSite(metrics_runner, settings.server.host, settings.server.metrics_port).start()
+        log.info("metrics on http://%s:%d/metrics", settings.server.host, settings.server.metrics_port)
     log.info("serving on http://%s:%d (POST /predict, docs at /docs)", settings.server.host, settings.server.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -80,6 +86,8 @@ async def serve(settings: Settings) -> None:
     if service.batcher is not None:
         await service.batcher.close(settings.server.shutdown_timeout_s)
     await runner.cleanup()
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
     log.info("stopped after %.2f s of draining", time.monotonic() - started)
 
 
@@ -94,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         level=settings.server.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    install_log_filters()
     try:
         uvloop.run(serve(settings))
     except StartupError as exc:

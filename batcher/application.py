@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from functools import partial
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from swagger_ui_bundle import swagger_ui_path
 
 from batcher import __version__, handlers
@@ -23,7 +24,7 @@ from batcher.metrics import Metrics
 from batcher.middleware import errors, observe
 from batcher.model import Model, OnnxModel, load_bundle, warm_up
 from batcher.openapi import SWAGGER_PAGE, build_openapi
-from batcher.service import Service
+from batcher.service import Service, load_tokens
 from batcher.tokenization import TextEncoder
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,44 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, model: Mod
     app.router.add_get("/intents", handlers.intents)
     app.router.add_post("/predict", handlers.predict)
     app.router.add_post("/predict/batch", handlers.predict_batch)
-    app.router.add_get("/metrics", handlers.metrics)
-    app.router.add_get("/openapi.json", handlers.openapi)
-    app.router.add_get("/docs", docs)
-    app.router.add_static("/docs/static", swagger_ui_path)
+    server = settings.server
+    if server.expose_metrics and not server.metrics_port:
+        app.router.add_get("/metrics", handlers.metrics)
+    if server.expose_docs:
+        app.router.add_get("/openapi.json", handlers.openapi)
+        app.router.add_get("/docs", docs)
+        app.router.add_static("/docs/static", swagger_ui_path)
     app.cleanup_ctx.append(partial(lifecycle, model=model))
+    return app
+
+
+class MalformedRequestFilter(logging.Filter):
+    """aiohttp logs a full traceback at ERROR for every malformed HTTP message a client sends
+    (answered 400 by aiohttp itself); make that one warning line, so a fuzzer or attacker
+    cannot fill the log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError):
+            record.exc_info = None
+            record.exc_text = None
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg = "malformed HTTP request answered 400: %s"
+            record.args = (" ".join(str(error).split())[:200],)
+        return True
+
+
+def install_log_filters() -> None:
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(f, MalformedRequestFilter) for f in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())
+
+
+def create_metrics_app(main: web.Application) -> web.Application:
+    """/metrics alone, for server.metrics_port: keeps it off the public listener."""
+    app = web.Application(middlewares=[errors])
+    app[SERVICE] = main[SERVICE]
+    app.router.add_get("/metrics", handlers.metrics)
     return app
 
 
@@ -58,6 +92,9 @@ async def lifecycle(app: web.Application, *, model: Model | None) -> AsyncIterat
     service = app[SERVICE]
     settings = service.settings
     loop = asyncio.get_running_loop()
+    service.tokens = load_tokens(settings.server.auth_tokens_file, settings.server.auth_tokens_env, settings.base_dir)
+    if service.tokens:
+        log.info("bearer-token auth on the predict routes: %d token(s)", len(service.tokens))
     bundle = await loop.run_in_executor(None, load_bundle, settings.model_dir, settings.model.file)
     encoder = await loop.run_in_executor(None, TextEncoder.from_bundle, bundle.directory, settings.model.max_seq_len)
     if model is None:

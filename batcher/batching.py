@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -104,6 +105,7 @@ class Batcher:
         self._waker: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
+        self._runs_started: dict[int, float] = {}  # worker thread id -> perf_counter at run start
         self.accepting = False
         self.last_run_failed = False
         self.crashed = False
@@ -112,6 +114,12 @@ class Batcher:
     @property
     def alive(self) -> bool:
         return self._task is not None and not self._task.done()
+
+    @property
+    def stalled(self) -> bool:
+        """A model run has taken longer than request_timeout_ms: the model hangs (watchdog)."""
+        now = time.perf_counter()
+        return any(now - started > self._timeout_s for started in list(self._runs_started.values()))
 
     @property
     def unanswered(self) -> int:
@@ -227,7 +235,12 @@ class Batcher:
         if not rows:
             return RunResult(np.empty((0, self._num_labels), np.float32), rows, started, started, 0, 0)
         ids, mask, types = pad_batch([batch[index].encoded for index in rows], self._pad_id)
-        logits = np.asarray(self._model.run(ids, mask, types), dtype=np.float32)
+        thread = threading.get_ident()
+        self._runs_started[thread] = started
+        try:
+            logits = np.asarray(self._model.run(ids, mask, types), dtype=np.float32)
+        finally:
+            del self._runs_started[thread]
         if logits.shape != (len(rows), self._num_labels):
             raise ValueError(f"model returned logits of shape {logits.shape}, expected {(len(rows), self._num_labels)}")
         real = int(mask.sum())

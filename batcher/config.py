@@ -32,6 +32,19 @@ class ServerSettings:
     """Largest request body accepted; bigger bodies get 413 before they are parsed."""
     max_batch_items: int = 64
     """Most items one `POST /predict/batch` may carry; more get 413."""
+    body_read_timeout_s: float = 10.0
+    """Longest time to receive a request body; slower clients get 408 (slow-loris defence)."""
+    auth_tokens_file: str = ""
+    """File of bearer tokens, one a line. With tokens (from here or auth_tokens_env), the
+    predict routes require `Authorization: Bearer <token>` and answer 401 without it."""
+    auth_tokens_env: str = "BATCHER_AUTH_TOKENS"
+    """Environment variable holding comma-separated bearer tokens (added to the file's)."""
+    expose_docs: bool = True
+    """Serve /docs and /openapi.json."""
+    expose_metrics: bool = True
+    """Serve /metrics."""
+    metrics_port: int = 0
+    """Serve /metrics on this port of server.host instead of the main listener; 0 = main listener."""
     shutdown_timeout_s: float = 30.0
     """On SIGTERM/SIGINT, how long accepted requests may take to finish before exit."""
     log_level: LogLevel = "info"
@@ -44,6 +57,8 @@ class ServerSettings:
         _check_range("server.client_max_size_bytes", self.client_max_size_bytes, 1024, 1 << 30)
         _check_range("server.max_batch_items", self.max_batch_items, 1, 100_000)
         _check_range("server.shutdown_timeout_s", self.shutdown_timeout_s, 0, 3600)
+        _check_range("server.body_read_timeout_s", self.body_read_timeout_s, 0.01, 3600)
+        _check_range("server.metrics_port", self.metrics_port, 0, 65535)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

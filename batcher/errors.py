@@ -40,6 +40,12 @@ class InvalidJSON(HTTPError):
     default_message = "request body is not valid JSON"
 
 
+class Unauthorized(HTTPError):
+    status = 401
+    type = "unauthorized"
+    default_message = "a valid bearer token is required (Authorization: Bearer <token>)"
+
+
 class NotFound(HTTPError):
     status = 404
     type = "not_found"
@@ -50,6 +56,12 @@ class MethodNotAllowed(HTTPError):
     status = 405
     type = "method_not_allowed"
     default_message = "method not allowed on this route"
+
+
+class RequestTimeout(HTTPError):
+    status = 408
+    type = "request_timeout"
+    default_message = "the request body did not arrive in time"
 
 
 class PayloadTooLarge(HTTPError):

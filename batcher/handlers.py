@@ -16,7 +16,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from batcher.batching import Prediction
-from batcher.errors import InvalidJSON, NotReady, PayloadTooLarge
+from batcher.errors import InvalidJSON, NotReady, PayloadTooLarge, RequestTimeout
 from batcher.schemas import BatchPredictRequest, PredictRequest, validate
 from batcher.service import Service
 
@@ -65,6 +65,7 @@ async def intents(request: web.Request) -> web.Response:
 
 async def predict(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
+    service.authorize(request.headers.get("Authorization"))
     encoder, batcher = service.require_batcher()
     body = validate(PredictRequest, await read_json(request))
     prediction = await batcher.submit(service.encode(encoder, body))
@@ -74,6 +75,7 @@ async def predict(request: web.Request) -> web.Response:
 
 async def predict_batch(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
+    service.authorize(request.headers.get("Authorization"))
     encoder, batcher = service.require_batcher()
     body = validate(BatchPredictRequest, await read_json(request))
     limit = service.settings.server.max_batch_items
@@ -105,14 +107,19 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def read_json(request: web.Request) -> Any:
-    """The parsed body: 413 past client_max_size (checked before reading), 400 if not JSON."""
-    limit = request.app[SERVICE].settings.server.client_max_size_bytes
+    """The parsed body: 413 past client_max_size (checked before reading), 408 if it arrives
+    slower than body_read_timeout_s, 400 if not JSON."""
+    server = request.app[SERVICE].settings.server
+    limit = server.client_max_size_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is {request.content_length} bytes, more than the {limit} allowed")
     try:
-        raw = await request.read()
+        async with asyncio.timeout(server.body_read_timeout_s):
+            raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body is more than the {limit} bytes allowed") from None
+    except TimeoutError:
+        raise RequestTimeout(f"request body did not arrive within {server.body_read_timeout_s:g} s") from None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -31,7 +31,7 @@ ROUTES = (
 )
 PREDICT_ROUTES = ("/predict", "/predict/batch")
 STATUSES = ("200", "400", "401", "404", "405", "413", "422", "429", "500", "503", "504")
-REJECT_REASONS = ("queue_full", "deadline", "disconnected", "invalid", "model_error", "not_ready")
+REJECT_REASONS = ("queue_full", "deadline", "disconnected", "invalid", "model_error", "not_ready", "unauthorized")
 
 # Millisecond-scale latencies: 0.5 ms to 10 s.
 LATENCY_BUCKETS_S = (

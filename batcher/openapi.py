@@ -19,11 +19,15 @@ from batcher.errors import (
     NotReady,
     PayloadTooLarge,
     QueueFull,
+    RequestTimeout,
+    Unauthorized,
     ValidationFailed,
 )
 
 REF = "#/components/schemas/{model}"
 _PREDICT_ERRORS: tuple[type[HTTPError], ...] = (
+    Unauthorized,
+    RequestTimeout,
     InvalidJSON,
     PayloadTooLarge,
     ValidationFailed,

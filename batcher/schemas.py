@@ -29,7 +29,20 @@ class PredictRequest(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    turns: Annotated[list[Turn], Field(min_length=1)]
+    turns: Annotated[
+        list[Turn],
+        Field(
+            min_length=1,
+            description="Oldest first; at least one turn must have non-blank text.",
+            json_schema_extra={
+                "contains": {
+                    "type": "object",
+                    "required": ["text"],
+                    "properties": {"text": {"type": "string", "pattern": r"\S"}},
+                }
+            },
+        ),
+    ]
     return_all_probs: StrictBool = False
 
     @pydantic.model_validator(mode="after")

@@ -6,13 +6,16 @@ and warm; handlers reach it through `request.app[SERVICE]`.
 
 from __future__ import annotations
 
+import hmac
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from batcher.batching import Batcher
 from batcher.config import Settings
 from batcher.dialogue import dialogue_text
-from batcher.errors import Draining, NotReady
+from batcher.errors import Draining, NotReady, StartupError, Unauthorized
 from batcher.metrics import Metrics
 from batcher.model import ModelBundle
 from batcher.schemas import PredictRequest
@@ -33,6 +36,8 @@ class Service:
     provider: str = "none"
     warm: bool = False
     draining: bool = False
+    tokens: tuple[bytes, ...] = ()
+    """Accepted bearer tokens; empty = the predict routes are open."""
     started_at: float = field(default_factory=time.time)
 
     @property
@@ -46,7 +51,14 @@ class Service:
     @property
     def ready(self) -> bool:
         batcher = self.batcher
-        return self.warm and not self.draining and batcher is not None and batcher.alive and not batcher.last_run_failed
+        return (
+            self.warm
+            and not self.draining
+            and batcher is not None
+            and batcher.alive
+            and not batcher.last_run_failed
+            and not batcher.stalled
+        )
 
     def require_batcher(self) -> tuple[TextEncoder, Batcher]:
         """The encoder and batcher, or 503 while loading, draining or after a crash."""
@@ -55,6 +67,20 @@ class Service:
         if self.encoder is None or self.batcher is None or not self.warm:
             raise NotReady()
         return self.encoder, self.batcher
+
+    def authorize(self, header: str | None) -> None:
+        """401 unless `Authorization: Bearer <token>` names an accepted token (when any are set).
+        Every token is compared, in constant time, whatever matches first."""
+        if not self.tokens:
+            return
+        scheme, _, given = (header or "").partition(" ")
+        candidate = given.strip().encode()
+        matched = False
+        for token in self.tokens:
+            matched |= hmac.compare_digest(candidate, token)
+        if scheme.lower() != "bearer" or not matched:
+            self.metrics.rejected.labels("unauthorized").inc()
+            raise Unauthorized(headers={"WWW-Authenticate": 'Bearer realm="batcher"'})
 
     def encode(self, encoder: TextEncoder, request: PredictRequest) -> Encoded:
         started = time.perf_counter()
@@ -72,3 +98,20 @@ class Service:
         self.metrics.ready.set(0)
         if self.batcher is not None:
             self.batcher.accepting = False
+
+
+def load_tokens(tokens_file: str, tokens_env: str, base_dir: Path) -> tuple[bytes, ...]:
+    """Bearer tokens from a file (one a line, # comments) and a comma-separated variable."""
+    tokens: list[str] = []
+    if tokens_file:
+        path = Path(tokens_file) if Path(tokens_file).is_absolute() else base_dir / tokens_file
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except OSError as exc:
+            raise StartupError(f"server.auth_tokens_file {path}: cannot read it: {exc.strerror}") from None
+        tokens += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if tokens_env:
+        tokens += [item.strip() for item in os.environ.get(tokens_env, "").split(",") if item.strip()]
+    if tokens_file and not tokens:
+        raise StartupError(f"server.auth_tokens_file {tokens_file} holds no tokens")
+    return tuple(token.encode() for token in dict.fromkeys(tokens))

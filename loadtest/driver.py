@@ -52,6 +52,9 @@ class StepResult:
     statuses: Counter[str] = field(default_factory=Counter)
     latency: HdrHistogram = field(default_factory=new_histogram)
     ok_latency: HdrHistogram = field(default_factory=new_histogram)
+    by_status: dict[str, HdrHistogram] = field(default_factory=dict)
+    events: list[tuple[float, str]] | None = None
+    """(scheduled or sent time on the perf_counter clock, status) per request, when asked for."""
     late: int = 0
     unsent: int = 0
     client_cpu_s: float = 0.0
@@ -92,6 +95,9 @@ class StepResult:
             "max_ms": round(self.latency.get_max_value() / 1000, 3) if self.latency.get_total_count() else None,
             "mean_ms": round(self.latency.get_mean_value() / 1000, 3) if self.latency.get_total_count() else None,
             "statuses": dict(sorted(self.statuses.items())),
+            "p99_ms_by_status": {
+                status: round(h.get_value_at_percentile(99) / 1000, 3) for status, h in sorted(self.by_status.items())
+            },
             "late": self.late,
             "unsent": self.unsent,
             "client_cpu_share": round(self.client_cpu_s / self.duration_s, 3),
@@ -124,7 +130,7 @@ class Driver:
         self.progress = progress
 
     async def run(
-        self, load: Load, *, duration_s: float, warmup_s: float, on_measure_start: object = None
+        self, load: Load, *, duration_s: float, warmup_s: float, on_measure_start: object = None, events: bool = False
     ) -> StepResult:
         """Warm up (results discarded), then measure for `duration_s`."""
         loop = asyncio.get_running_loop()
@@ -132,7 +138,7 @@ class Driver:
             await self._drive(load, StepResult(load, warmup_s), loop.time() + warmup_s, record=False)
         if on_measure_start is not None:
             await on_measure_start()  # type: ignore[operator]
-        result = StepResult(load, duration_s)
+        result = StepResult(load, duration_s, events=[] if events else None)
         cpu_before = _cpu_seconds()
         ticker = asyncio.ensure_future(self._tick(result, loop.time(), duration_s)) if self.progress else None
         await self._drive(load, result, loop.time() + duration_s, record=True)
@@ -193,6 +199,11 @@ class Driver:
         elapsed_us = max(1, int((time.perf_counter() - started) * 1_000_000))
         result.statuses[status] += 1
         result.latency.record_value(min(elapsed_us, MAX_LATENCY_US))
+        if result.events is not None:
+            result.events.append((started, status))
+        if status not in result.by_status:
+            result.by_status[status] = new_histogram()
+        result.by_status[status].record_value(min(elapsed_us, MAX_LATENCY_US))
         if status == "200":
             result.ok_latency.record_value(min(elapsed_us, MAX_LATENCY_US))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import socket
@@ -173,3 +174,36 @@ async def test_bundled_model_answers_the_guide_examples() -> None:
     finally:
         process.send_signal(signal.SIGTERM)
         assert finish(process, 30)[0] == 0
+
+
+async def test_metrics_on_a_separate_listener(tiny_bundle: Path) -> None:
+    metrics_port = free_port()
+    process, url = start(tiny_bundle, f"server.metrics_port={metrics_port}")
+    wait_ready(process, url)
+    try:
+        wait_ready(process, f"http://127.0.0.1:{metrics_port}")
+        async with aiohttp.ClientSession() as session:
+            async with session.get(f"{url}/metrics") as response:
+                assert response.status == 404
+            async with session.get(f"http://127.0.0.1:{metrics_port}/metrics") as response:
+                assert response.status == 200
+                assert "batcher_requests_total" in await response.text()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert finish(process, 20)[0] == 0
+
+
+def test_malformed_http_is_one_warning_line() -> None:
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from batcher.application import MalformedRequestFilter
+
+    try:
+        raise BadHttpMessage("Invalid header value char:\n\n  b'X: \\x00'")
+    except BadHttpMessage:
+        record = logging.LogRecord("aiohttp.server", logging.ERROR, "", 0, "Error handling request", (), sys.exc_info())
+    assert MalformedRequestFilter().filter(record)
+    assert record.levelname == "WARNING" and record.exc_info is None
+    assert record.getMessage().startswith(
+        "malformed HTTP request answered 400: 400, message: Invalid header value char:"
+    )

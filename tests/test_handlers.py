@@ -4,6 +4,7 @@ Tests about queue timing (429, 504, 500) use FakeModel and say so."""
 from __future__ import annotations
 
 import asyncio
+import io
 from pathlib import Path
 from typing import Any
 
@@ -296,3 +297,71 @@ async def test_metrics_exposes_every_family(make_client: MakeClient) -> None:
     assert 'batcher_rejected_total{reason="invalid"} 1.0' in text
     assert 'batcher_requests_total{route="/predict",status="400"} 1.0' in text
     assert 'provider="CPUExecutionProvider"' in text
+
+
+async def test_bearer_token_auth(make_client: MakeClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# one token a line\nsecret-one\n")
+    monkeypatch.setenv("TEST_TOKENS", "secret-two, secret-three")
+    client = await make_client(f'server.auth_tokens_file="{tokens}"', 'server.auth_tokens_env="TEST_TOKENS"')
+    response = await client.post("/predict", json=ONE)
+    await expect_error(response, 401, "unauthorized", "Bearer")
+    assert response.headers["WWW-Authenticate"].startswith("Bearer")
+    for header in ("Bearer wrong", "Basic secret-one", "secret-one", "Bearer "):
+        await expect_error(
+            await client.post("/predict", json=ONE, headers={"Authorization": header}), 401, "unauthorized"
+        )
+    for token in ("secret-one", "secret-three"):
+        ok = await client.post("/predict", json=ONE, headers={"Authorization": f"Bearer {token}"})
+        assert ok.status == 200
+    batch = await client.post("/predict/batch", json={"items": [ONE]})
+    await expect_error(batch, 401, "unauthorized")
+    assert (await client.get("/healthz")).status == 200  # probes stay open
+
+
+async def test_slow_body_gets_408(make_client: MakeClient) -> None:
+    client = await make_client("server.body_read_timeout_s=0.2")
+
+    async def slow() -> Any:
+        yield b'{"turns": [{"text": '
+        await asyncio.sleep(1.0)
+        yield b'"hi"}]}'
+
+    await expect_error(await client.post("/predict", data=slow()), 408, "request_timeout", "0.2 s")
+    assert (await client.post("/predict", json=ONE)).status == 200
+
+
+async def test_metrics_and_docs_can_be_turned_off(make_client: MakeClient) -> None:
+    client = await make_client("server.expose_metrics=false", "server.expose_docs=false")
+    for path in ("/metrics", "/docs", "/openapi.json", "/docs/static/swagger-ui.css"):
+        await expect_error(await client.get(path), 404, "not_found")
+    assert (await client.post("/predict", json=ONE)).status == 200
+
+
+async def test_hung_model_answers_504_and_reports_not_ready(make_client: MakeClient) -> None:
+    # FakeModel: a test-only hang; the watchdog is the request deadline.
+    model = FakeModel()
+    client = await make_client("batching.request_timeout_ms=200", model=model)
+    model.armed = True
+    model.gate.clear()
+    await expect_error(await client.post("/predict", json=ONE), 504, "deadline_exceeded")
+    await asyncio.sleep(0.1)
+    await expect_error(await client.get("/readyz"), 503, "not_ready")
+    model.gate.set()
+    await asyncio.sleep(0.1)
+    assert (await client.get("/readyz")).status == 200
+    assert (await client.post("/predict", json=ONE)).status == 200
+
+
+async def test_hostile_bodies_get_fast_clear_answers(make_client: MakeClient) -> None:
+    client = await make_client()
+    nul = {"turns": [{"speaker": "user", "text": "播放\u0000周杰伦\u0000的歌"}]}
+    assert (await client.post("/predict", json=nul)).status == 200
+    many = {"turns": [{"speaker": "user", "text": "好"}] * 20_000}
+    assert (await client.post("/predict", json=many)).status == 200  # truncated, not rejected
+    huge = b'{"turns": [{"text": "' + b"x" * (10 * 1024 * 1024) + b'"}]}'
+    await expect_error(await client.post("/predict", data=io.BytesIO(huge)), 413, "payload_too_large")
+    long_speaker = {"turns": [{"speaker": "u" * 1000, "text": "hi"}]}
+    body = await expect_error(await client.post("/predict", json=long_speaker), 422, "validation_error")
+    assert "u" * 100 not in body["error"]["message"]  # never echoes the input back at length
+    assert (await client.post("/predict", json=ONE)).status == 200

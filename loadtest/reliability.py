@@ -1,0 +1,285 @@
+"""Reliability under abuse, with figures: `make reliability` (about 20 minutes, soak
+included). Writes RELIABILITY.md and reliability/ from that one run.
+
+Every step drives a real batcher (app.py, bundled model, defaults) over loopback:
+- overload: open loop at 3 x the measured maximum throughput; then recovery;
+- disconnect storm: clients that send and hang up, beside normal clients;
+- shutdown under load: SIGTERM during a 3 x overload;
+- soak: 70 % of the maximum for 10 minutes, RSS and p99 per minute;
+- the fault, hostile-input and shutdown tests through pytest, and a long schemathesis run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import json
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import uvloop
+
+from loadtest.__main__ import run_steps
+from loadtest.bench import ROOT, batcher_server, machine
+from loadtest.corpus import DEFAULT_CORPUS, Corpus
+from loadtest.driver import Driver, Load
+from loadtest.server_metrics import scrape
+
+OUT = ROOT / "reliability"
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+async def sample_rss(pid: int, samples: list[tuple[float, int]], stop: asyncio.Event) -> None:
+    started = time.monotonic()
+    while not stop.is_set():
+        try:
+            samples.append((time.monotonic() - started, rss_bytes(pid)))
+        except OSError:
+            return
+        await asyncio.sleep(1)
+
+
+async def max_throughput(url: str, corpus: Corpus, seconds: float) -> float:
+    row = (await run_steps(url, [Load("closed", 64)], corpus=corpus, duration_s=seconds, warmup_s=2, progress=False))[0]
+    return float(row["throughput_rps"])
+
+
+async def overload(corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
+    with batcher_server("batcher (defaults)") as server:
+        assert server.process is not None
+        peak = await max_throughput(server.url, corpus, 8)
+        samples: list[tuple[float, int]] = []
+        stop = asyncio.Event()
+        sampler = asyncio.ensure_future(sample_rss(server.process.pid, samples, stop))
+        spike = (
+            await run_steps(
+                server.url,
+                [Load("open", round(3 * peak))],
+                corpus=corpus,
+                duration_s=args.overload_s,
+                warmup_s=0,
+                timeout_s=30,
+                progress=False,
+            )
+        )[0]
+        stop.set()
+        await sampler
+        after = (
+            await run_steps(server.url, [Load("closed", 64)], corpus=corpus, duration_s=5, warmup_s=0, progress=False)
+        )[0]
+    rss = [value for _, value in samples]
+    return {
+        "peak_rps": peak,
+        "spike": spike,
+        "after": after,
+        "rss_start": rss[0],
+        "rss_max": max(rss),
+        "rss_end": rss[-1],
+    }
+
+
+async def hang_up(host: str, port: int, body: bytes) -> None:
+    """Send one request and close the connection without reading the answer."""
+    try:
+        _, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return
+    writer.write(
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
+    )
+    await writer.drain()
+    await asyncio.sleep(0.005)
+    writer.close()
+
+
+async def disconnect_storm(corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
+    body = json.dumps({"turns": [{"speaker": "user", "text": "播放周杰伦的歌，然后把客厅的灯调暗一点" * 3}]}).encode()
+    with batcher_server("batcher (defaults)") as server:
+        baseline = (
+            await run_steps(
+                server.url, [Load("closed", 16)], corpus=corpus, duration_s=args.storm_s, warmup_s=2, progress=False
+            )
+        )[0]
+        async with aiohttp.ClientSession() as session:
+            before = await scrape(session, server.url + "/metrics")
+            storm_sent = 0
+            stop_at = time.monotonic() + args.storm_s
+
+            async def storm() -> None:
+                nonlocal storm_sent
+                while time.monotonic() < stop_at:
+                    await asyncio.gather(*(hang_up("127.0.0.1", server.port, body) for _ in range(20)))
+                    storm_sent += 20
+                    await asyncio.sleep(0.01)
+
+            storm_task = asyncio.ensure_future(storm())
+            during = (
+                await run_steps(
+                    server.url, [Load("closed", 16)], corpus=corpus, duration_s=args.storm_s, warmup_s=0, progress=False
+                )
+            )[0]
+            await storm_task
+            await asyncio.sleep(1)
+            after = await scrape(session, server.url + "/metrics")
+
+    def delta(name: str, **labels: str) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    return {
+        "storm_sent": storm_sent,
+        "normal_sent": during["requests"],
+        "rows_computed": delta("batcher_batch_size_sum"),
+        "disconnected": delta("batcher_rejected_total", reason="disconnected"),
+        "baseline": baseline,
+        "during": during,
+    }
+
+
+async def shutdown_under_load(corpus: Corpus, peak: float) -> dict[str, Any]:
+    """SIGTERM 4 s into an open-loop 3x overload: every request sent before the signal must get
+    an HTTP answer; after it, 503 or a refused connection; exit 0 within shutdown_timeout_s."""
+    server = batcher_server("batcher (defaults)", "server.shutdown_timeout_s=20")
+    server.__enter__()
+    assert server.process is not None
+    rate = round(3 * peak)
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+        driver = Driver(
+            session, server.url + "/predict", corpus.bodies("predict"), seed=1, timeout_s=30, progress=False
+        )
+        load = asyncio.ensure_future(driver.run(Load("open", rate), duration_s=8, warmup_s=0, events=True))
+        await asyncio.sleep(4)
+        signalled = time.perf_counter()
+        server.process.send_signal(signal.SIGTERM)
+        code = await asyncio.get_running_loop().run_in_executor(None, server.process.wait, 60)
+        exited_after = time.perf_counter() - signalled
+        result = await load
+    stderr = server.process.stderr.read().decode() if server.process.stderr else ""
+    if server.process.stderr:
+        server.process.stderr.close()
+    events = result.events or []
+    before = Counter(status for sent, status in events if sent < signalled)
+    after = Counter(status for sent, status in events if sent >= signalled)
+    return {
+        "rate": rate,
+        "before": dict(before),
+        "after": dict(after),
+        "exit_code": code,
+        "exit_s": round(exited_after, 2),
+        "tracebacks": stderr.count("Traceback"),
+    }
+
+
+async def soak(corpus: Corpus, args: argparse.Namespace, peak: float) -> dict[str, Any]:
+    rate = round(0.7 * peak)
+    minutes = []
+    with batcher_server("batcher (defaults)") as server:
+        assert server.process is not None
+        async with aiohttp.ClientSession() as session:
+            for minute in range(args.soak_minutes):
+                row = (
+                    await run_steps(
+                        server.url,
+                        [Load("open", rate)],
+                        corpus=corpus,
+                        duration_s=60,
+                        warmup_s=0,
+                        seed=minute + 1,
+                        progress=False,
+                    )
+                )[0]
+                samples = await scrape(session, server.url + "/metrics")
+                row["rss_bytes"] = samples.get(("process_resident_memory_bytes", ()), rss_bytes(server.process.pid))
+                minutes.append(row)
+                print(
+                    f"soak minute {minute + 1}: p99 {row['p99_ms']:.1f} ms, rss {row['rss_bytes'] / 2**20:.1f} MiB",
+                    file=sys.stderr,
+                )
+    return {"rate": rate, "minutes": minutes}
+
+
+def pytest_outcome(selection: list[str]) -> dict[str, Any]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    summary = [line for line in result.stdout.splitlines() if re.search(r"\d+ (passed|failed)", line)]
+    return {
+        "selection": selection,
+        "exit_code": result.returncode,
+        "summary": summary[-1] if summary else "",
+        "seconds": round(time.monotonic() - started, 1),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    corpus = Corpus(args.corpus, seed=1)
+    results: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine(),
+        "command": "python -m loadtest.reliability " + " ".join(sys.argv[1:]),
+    }
+    print("overload…", file=sys.stderr)
+    results["overload"] = await overload(corpus, args)
+    peak = results["overload"]["peak_rps"]
+    print("disconnect storm…", file=sys.stderr)
+    results["disconnect"] = await disconnect_storm(corpus, args)
+    print("shutdown under load…", file=sys.stderr)
+    results["shutdown"] = await shutdown_under_load(corpus, peak)
+    if args.soak_minutes:
+        print(f"soak ({args.soak_minutes} min)…", file=sys.stderr)
+        results["soak"] = await soak(corpus, args, peak)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--overload-s", type=float, default=60, help="seconds of the 3x overload")
+    parser.add_argument("--storm-s", type=float, default=10, help="seconds of the disconnect storm")
+    parser.add_argument("--soak-minutes", type=int, default=10, help="minutes of soak at 70 %% of the maximum")
+    parser.add_argument("--fuzz-examples", type=int, default=1000, help="schemathesis examples per operation")
+    parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL corpus")
+    args = parser.parse_args()
+    results = uvloop.run(run(args))
+    print("fault, hostile-input and shutdown tests…", file=sys.stderr)
+    results["tests"] = [
+        pytest_outcome(
+            ["tests/test_handlers.py", "-k", "failure or hung or hostile or slow_body or oversized or bad_"]
+        ),
+        pytest_outcome(["tests/test_app.py", "-k", "sigterm"]),
+        pytest_outcome(["tests/test_batching.py", "tests/test_queue.py", "tests/test_dialogue.py"]),
+    ]
+    if args.fuzz_examples:
+        print("fuzzing…", file=sys.stderr)
+        from loadtest.fuzz import fuzz
+
+        results["fuzz"] = fuzz(args.fuzz_examples)
+    OUT.mkdir(exist_ok=True)
+    (OUT / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    from loadtest.reliability_md import render
+
+    (ROOT / "RELIABILITY.md").write_text(render(results, OUT), encoding="utf-8")
+    print("wrote RELIABILITY.md and reliability/", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Render RELIABILITY.md (and its soak plot) from reliability/results.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loadtest.report import _pyplot
+
+MIB = 2**20
+
+
+def _ok(condition: bool) -> str:
+    return "met" if condition else "**not met**"
+
+
+def _answers(statuses: dict[str, int]) -> str:
+    return ", ".join(f"{status}: {count}" for status, count in sorted(statuses.items()))
+
+
+def plot_soak(minutes: list[dict[str, Any]], path: Path) -> None:
+    plt = _pyplot()
+    figure, left = plt.subplots(figsize=(7.5, 4))
+    x = list(range(1, len(minutes) + 1))
+    left.plot(x, [m["p99_ms"] for m in minutes], "-o", color="C0", label="p99 (ms)")
+    left.set_xlabel("minute")
+    left.set_ylabel("p99 latency (ms)", color="C0")
+    right = left.twinx()
+    right.plot(x, [m["rss_bytes"] / MIB for m in minutes], "-s", color="C1", label="RSS (MiB)")
+    right.set_ylabel("server RSS (MiB)", color="C1")
+    left.set_title("soak at 70 % of maximum throughput")
+    left.grid(True, alpha=0.3)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def render(results: dict[str, Any], out_dir: Path) -> str:
+    overload = results["overload"]
+    spike, after = overload["spike"], overload["after"]
+    refused_p99 = spike["p99_ms_by_status"].get("429")
+    unanswered = sum(spike["statuses"].get(k, 0) for k in ("timeout", "connection_error"))
+    storm = results["disconnect"]
+    shutdown = results["shutdown"]
+    lost = sum(count for status, count in shutdown["before"].items() if not status.isdigit())
+    lines = [
+        "# Reliability",
+        "",
+        f"Measured on {results['date']} on {results['machine']}, by one run of `make reliability` "
+        f"(`{results['command']}`). Server: `app.py` with the shipped `config.toml` (bundled model, defaults), "
+        "on loopback; the load generator shares the same 2 cores.",
+        "",
+        "## Overload: open loop at 3 × the maximum throughput",
+        "",
+        f"Maximum measured first: {overload['peak_rps']:.0f} req/s (64 clients). Spike: "
+        f"{spike['load']} for {spike['duration_s']:.0f} s.",
+        "",
+        "| bound | measured | |",
+        "|---|---|---|",
+        f"| every request answered (200, or 429/503/504 with a JSON error) | {_answers(spike['statuses'])}; "
+        f"unsent by the generator: {spike['unsent']}, late: {spike['late']} | {_ok(unanswered == 0)} |",
+        f"| 429s come back fast: p99 < 5 ms | p99 of 429s {refused_p99} ms | "
+        f"{_ok(refused_p99 is not None and refused_p99 < 5)} |",
+        f"| admitted requests keep a bounded p99 | p99 of 200s {spike['p99_ms_by_status'].get('200')} ms "
+        f"(request_timeout_ms bounds it at 10,000) | {_ok((spike['p99_ms_by_status'].get('200') or 1e9) < 10_000)} |",
+        f"| RSS stays bounded | {overload['rss_start'] / MIB:.0f} MiB before, {overload['rss_max'] / MIB:.0f} MiB "
+        f"max, {overload['rss_end'] / MIB:.0f} MiB at the end "
+        f"| {_ok(overload['rss_max'] < 2 * overload['rss_start'])} |",
+        f"| throughput back to normal within 5 s | {after['throughput_rps']:.0f} req/s in the 5 s right after "
+        f"({after['throughput_rps'] / overload['peak_rps']:.0%} of the maximum) "
+        f"| {_ok(after['throughput_rps'] >= 0.9 * overload['peak_rps'])} |",
+        f"| the server stays up | answered the 5 s recovery step: {_answers(after['statuses'])} "
+        f"| {_ok(after['statuses'].get('200', 0) > 0)} |",
+        "",
+        f"The generator used {spike['client_cpu_share']:.0%} of a core during the spike.",
+        "",
+        "## Disconnect storm",
+        "",
+        "Clients that send a long request and hang up after 5 ms, 20 at a time, for "
+        f"{storm['during']['duration_s']:.0f} s, beside 16 normal closed-loop clients.",
+        "",
+        "| | measured |",
+        "|---|---|",
+        f"| hang-up requests sent | {storm['storm_sent']} |",
+        f"| normal requests answered | {storm['normal_sent']} |",
+        f"| rows the model computed | {storm['rows_computed']:.0f} "
+        f"({_ok(storm['rows_computed'] < storm['storm_sent'] + storm['normal_sent'])}: fewer than requests sent) |",
+        f'| `batcher_rejected_total{{reason="disconnected"}}` | {storm["disconnected"]:.0f} |',
+        f"| normal clients without the storm: p50 / p99 | {storm['baseline']['p50_ms']:.1f} / "
+        f"{storm['baseline']['p99_ms']:.1f} ms, {storm['baseline']['throughput_rps']:.0f} req/s |",
+        f"| normal clients during the storm: p50 / p99 | {storm['during']['p50_ms']:.1f} / "
+        f"{storm['during']['p99_ms']:.1f} ms, {storm['during']['throughput_rps']:.0f} req/s |",
+        "",
+        "Hang-ups the server notices before their batch forms are skipped; one that is already in a running "
+        "batch is computed and its answer dropped. The normal clients share the event loop with the storm's "
+        "connection handling, which is what slows them.",
+        "",
+        "## Shutdown under load",
+        "",
+        f"SIGTERM 4 s into an open-loop overload at {shutdown['rate']} req/s (shutdown_timeout_s = 20).",
+        "",
+        "| bound | measured | |",
+        "|---|---|---|",
+        f"| no accepted request lost: every request sent before SIGTERM gets an HTTP answer | "
+        f"{_answers(shutdown['before'])} | {_ok(lost == 0)} |",
+        f"| new requests after SIGTERM get 503 (or a refused connection once the listener closes) | "
+        f"{_answers(shutdown['after'])} | {_ok(all(s in ('503', 'connection_error') for s in shutdown['after']))} |",
+        f"| exit 0 within shutdown_timeout_s | exit {shutdown['exit_code']} after {shutdown['exit_s']} s, "
+        f"{shutdown['tracebacks']} tracebacks | {_ok(shutdown['exit_code'] == 0 and shutdown['exit_s'] <= 20)} |",
+        "",
+    ]
+    if "soak" in results:
+        soak = results["soak"]
+        minutes = soak["minutes"]
+        plot_soak(minutes, out_dir / "soak.png")
+        growth = minutes[-1]["rss_bytes"] / minutes[0]["rss_bytes"] - 1
+        p99_change = minutes[-1]["p99_ms"] / minutes[0]["p99_ms"] - 1
+        errors = sum(v for m in minutes for k, v in m["statuses"].items() if k != "200")
+        lines += [
+            f"## Soak: {len(minutes)} minutes at {soak['rate']} req/s (70 % of the maximum)",
+            "",
+            "| bound | measured | |",
+            "|---|---|---|",
+            f"| RSS growth under 5 % | {minutes[0]['rss_bytes'] / MIB:.1f} → {minutes[-1]['rss_bytes'] / MIB:.1f} MiB "
+            f"({growth:+.1%}) | {_ok(growth < 0.05)} |",
+            f"| p99 of the last minute within 20 % of the first | {minutes[0]['p99_ms']:.1f} → "
+            f"{minutes[-1]['p99_ms']:.1f} ms ({p99_change:+.0%}) | {_ok(abs(p99_change) <= 0.2)} |",
+            f"| zero errors | {errors} | {_ok(errors == 0)} |",
+            "",
+            "| minute | req/s | p50 ms | p99 ms | RSS MiB |",
+            "|---|---|---|---|---|",
+        ]
+        for index, m in enumerate(minutes, 1):
+            lines.append(
+                f"| {index} | {m['throughput_rps']:.0f} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} "
+                f"| {m['rss_bytes'] / MIB:.1f} |"
+            )
+        lines += ["", "![RSS and p99 over the soak](reliability/soak.png)", ""]
+    lines += [
+        "## Fault, hostile-input and shutdown tests (pytest, same run)",
+        "",
+        "| tests | outcome | seconds |",
+        "|---|---|---|",
+    ]
+    for test in results["tests"]:
+        lines.append(
+            f"| `{' '.join(test['selection'])}` | {test['summary'] or 'exit ' + str(test['exit_code'])} "
+            f"| {test['seconds']} |"
+        )
+    lines.append("")
+    if "fuzz" in results:
+        fuzz = results["fuzz"]
+        lines += [
+            "## Fuzzing (schemathesis against /openapi.json)",
+            "",
+            f"`{fuzz['command']}`: exit {fuzz['exit_code']}. {fuzz['summary']}",
+            "",
+        ]
+    lines += ["Raw figures: `reliability/results.json`.", ""]
+    return "\n".join(lines)
