@@ -4,6 +4,7 @@ built as plain dicts on the hot path and the models document them in /openapi.js
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, TypeVar
 
 import pydantic
@@ -12,6 +13,11 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 from batcher.errors import ValidationFailed
 
 SPEAKER_MAX_CHARS = 32
+# A character that is not whitespace in JSON Schema's (ECMAScript's) sense. Python's own
+# idea of whitespace is wider (\x1c-\x1f, \x85), so "blank" is defined by this pattern
+# on both sides: the validator below and the schema published in /openapi.json.
+VISIBLE = r"[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+_VISIBLE = re.compile(VISIBLE)
 M = TypeVar("M", bound="BaseModel")
 
 
@@ -45,11 +51,12 @@ class PredictRequest(BaseModel):
     ]
     return_all_probs: StrictBool = False
 
-    @pydantic.model_validator(mode="after")
-    def _has_text(self) -> PredictRequest:
-        if not any(turn.text.strip() for turn in self.turns):
-            raise ValueError("turns: no turn has non-blank text")
-        return self
+    @pydantic.field_validator("turns")
+    @classmethod
+    def _has_text(cls, turns: list[Turn]) -> list[Turn]:
+        if not any(_VISIBLE.search(turn.text) for turn in turns):
+            raise ValueError("no turn has non-blank text")
+        return turns
 
 
 class BatchPredictRequest(BaseModel):
@@ -128,7 +135,5 @@ def _describe(exc: pydantic.ValidationError) -> str:
     first = exc.errors(include_url=False, include_input=False)[0]
     where = ".".join(str(part) for part in first["loc"]) or "body"
     message = str(first["msg"]).removeprefix("Value error, ")
-    if message.startswith(f"{where}:") or ":" in message.split(" ", 1)[0]:
-        return message
     more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
     return f"{where}: {message}{more}"

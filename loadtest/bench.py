@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 import uvloop
 
+from batcher.config import load_settings
 from loadtest.__main__ import highest_within_slo, run_steps
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Load
@@ -253,6 +254,11 @@ def header(args: argparse.Namespace, corpus: Corpus) -> dict[str, Any]:
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
         ).stdout.strip(),
+        "defaults": {
+            key: value
+            for key, value in load_settings(ROOT / "config.toml", env={}).describe().items()
+            if key.startswith(("batching.", "model.intra", "model.inter", "model.allow", "model.file"))
+        },
         "corpus": {
             "path": str(args.corpus.relative_to(ROOT)) if args.corpus.is_relative_to(ROOT) else str(args.corpus),
             "dialogues": len(corpus.dialogues),

@@ -45,6 +45,9 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         f"({results['corpus']['dialogues']} dialogues, {results['corpus']['multi_turn_share']:.0%} multi-turn, "
         f"mean {results['ceiling']['mean_tokens']} tokens), bundled model `models/intent-zh` (TinyBERT-4 shape, fp32).",
         "The load generator (`python -m loadtest`) runs on the same 2 cores as the server; its CPU share is shown.",
+        "batcher's defaults in this run (`config.toml`): "
+        + ", ".join(f"`{k} = {v}`" for k, v in results.get("defaults", {}).items())
+        + ".",
         "Every figure below comes from this one run; ratios compare servers measured minutes apart on this machine.",
         "",
         "## Targets",

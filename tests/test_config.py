@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_shipped_config_loads_and_matches_defaults() -> None:
     settings = load_settings(ROOT / "config.toml", env={})
-    assert settings.batching.max_batch_size == 16
+    assert settings.batching.max_batch_size == 32
     assert settings.batching.instances == 2
     assert settings.server.port == 8000
     assert settings.model_dir == ROOT / "models" / "intent-zh"

@@ -357,6 +357,8 @@ async def test_hostile_bodies_get_fast_clear_answers(make_client: MakeClient) ->
     client = await make_client()
     nul = {"turns": [{"speaker": "user", "text": "播放\u0000周杰伦\u0000的歌"}]}
     assert (await client.post("/predict", json=nul)).status == 200
+    # "\x1f" is whitespace to Python but not to JSON Schema: the published schema decides.
+    assert (await client.post("/predict", json={"turns": [{"text": "\x1f"}]})).status == 200
     many = {"turns": [{"speaker": "user", "text": "好"}] * 20_000}
     assert (await client.post("/predict", json=many)).status == 200  # truncated, not rejected
     huge = b'{"turns": [{"text": "' + b"x" * (10 * 1024 * 1024) + b'"}]}'
