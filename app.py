@@ -65,7 +65,7 @@ async def serve(settings: Settings) -> None:
         shutdown_timeout=settings.server.shutdown_timeout_s,
     )
     await runner.setup()  # loads, checks and warms the model; raises StartupError
-    site = web.TCPSite(runner, settings.server.host, settings.server.port)
+    site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=settings.server.backlog)
     await site.start()
     metrics_runner = None
     if settings.server.expose_metrics and settings.server.metrics_port:

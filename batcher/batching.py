@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Sequence
@@ -77,6 +78,15 @@ def pad_batch(rows: Sequence[Encoded], pad_id: int) -> tuple[np.ndarray, np.ndar
     return ids, mask, types
 
 
+def _lower_priority(nice: int) -> None:
+    """Worker-thread initializer: on Linux a thread id works as a process id for setpriority."""
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            log.warning("cannot lower the model threads' priority; the event loop may be starved under load")
+
+
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
     result: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
@@ -96,7 +106,12 @@ class Batcher:
         self._num_labels = num_labels
         self._limits = BatchLimits(settings.max_batch_size, settings.max_batch_tokens)
         self._queue = RequestQueue(settings.max_queue_size)
-        self._executor = ThreadPoolExecutor(max_workers=settings.instances, thread_name_prefix="model")
+        self._executor = ThreadPoolExecutor(
+            max_workers=settings.instances,
+            thread_name_prefix="model",
+            initializer=_lower_priority,
+            initargs=(settings.worker_nice,),
+        )
         self._max_wait_s = settings.max_wait_ms / 1000
         self._timeout_s = settings.request_timeout_ms / 1000
         self._inflight = 0
@@ -129,6 +144,15 @@ class Batcher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
         self.accepting = True
+
+    def check_admission(self, rows: int = 1) -> None:
+        """Refuse (429) before any parsing when the queue cannot take `rows` more: under
+        overload the refusal must cost the loop as little as possible."""
+        if len(self._queue) + rows > self._queue.max_size:
+            self._metrics.rejected.labels("queue_full").inc()
+            raise QueueFull(
+                f"queue holds {self._queue.max_size} requests, its limit; retry later", headers={"Retry-After": "1"}
+            )
 
     def submit(self, encoded: Encoded) -> asyncio.Future[Prediction]:
         """Admit one request; its future resolves to a Prediction or fails with an HTTPError."""

@@ -28,6 +28,9 @@ class ServerSettings:
     """Address to listen on."""
     port: int = 8000
     """TCP port to listen on."""
+    backlog: int = 2048
+    """Pending TCP connections the kernel queues for accept (capped by net.core.somaxconn).
+    A short backlog drops connection attempts in bursts, which clients see as 1 s stalls."""
     client_max_size_bytes: int = 1024 * 1024
     """Largest request body accepted; bigger bodies get 413 before they are parsed."""
     max_batch_items: int = 64
@@ -54,6 +57,7 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         _check_range("server.port", self.port, 0, 65535)
+        _check_range("server.backlog", self.backlog, 1, 65535)
         _check_range("server.client_max_size_bytes", self.client_max_size_bytes, 1024, 1 << 30)
         _check_range("server.max_batch_items", self.max_batch_items, 1, 100_000)
         _check_range("server.shutdown_timeout_s", self.shutdown_timeout_s, 0, 3600)
@@ -109,6 +113,9 @@ class BatchingSettings:
     request_timeout_ms: float = 10_000.0
     """Deadline from admission to answer; a request still queued then gets 504 and is
     never computed."""
+    worker_nice: int = 5
+    """Niceness added to the model's worker threads (Linux), so the event loop is scheduled
+    first when the cores are busy: refusals and answers stay fast under overload."""
     instances: int = 2
     """Model runs that may be in flight at once (worker threads sharing one session).
     Two single-threaded runs use 2 cores better than one two-threaded run (BENCHMARKS.md)."""
@@ -120,6 +127,7 @@ class BatchingSettings:
         _check_range("batching.max_queue_size", self.max_queue_size, 1, 1 << 20)
         _check_range("batching.request_timeout_ms", self.request_timeout_ms, 1, 3_600_000)
         _check_range("batching.instances", self.instances, 1, 64)
+        _check_range("batching.worker_nice", self.worker_nice, 0, 19)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

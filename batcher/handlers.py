@@ -67,6 +67,7 @@ async def predict(request: web.Request) -> web.Response:
     service = request.app[SERVICE]
     service.authorize(request.headers.get("Authorization"))
     encoder, batcher = service.require_batcher()
+    batcher.check_admission()
     body = validate(PredictRequest, await read_json(request))
     prediction = await batcher.submit(service.encode(encoder, body))
     result = render(service, body, prediction, request[STARTED])

@@ -11,9 +11,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
+import time
 from functools import partial
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import uvloop
@@ -22,6 +24,7 @@ from loadtest import report
 from loadtest.classic import run_classic
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Driver, Load
+from loadtest.http import HttpClient
 from loadtest.server_metrics import Samples, breakdown, scrape
 
 CPU_WARNING_SHARE = 0.85
@@ -43,16 +46,19 @@ async def run_steps(
     """Run each load step in turn; with an SLO, stop after the first step whose p99 breaks it."""
     path = "/predict" if endpoint == "predict" else "/predict/batch"
     rows: list[dict[str, Any]] = []
-    connector = aiohttp.TCPConnector(limit=0, force_close=False)
-    async with aiohttp.ClientSession(connector=connector) as session:
-        driver = Driver(
-            session, base_url + path, corpus.bodies(endpoint), seed=seed, timeout_s=timeout_s, progress=progress
-        )
+    address = urlsplit(base_url)
+    client = HttpClient(address.hostname or "127.0.0.1", address.port or 80)
+    async with aiohttp.ClientSession() as session:
+        driver = Driver(client, path, corpus.bodies(endpoint), seed=seed, timeout_s=timeout_s, progress=progress)
         for load in loads:
             before: Samples = {}
             snapshot = partial(_scrape_into, before, session, base_url + "/metrics")
             result = await driver.run(load, duration_s=duration_s, warmup_s=warmup_s, on_measure_start=snapshot)
-            result.server = breakdown(before, await scrape(session, base_url + "/metrics"), duration_s)
+            after = await scrape(session, base_url + "/metrics")
+            # Server rates over the time between the two scrapes: the step plus the drain of
+            # requests still in flight at its end (long under overload).
+            wall_s = time.perf_counter() - before.pop(_SCRAPED_AT, time.perf_counter() - duration_s)
+            result.server = breakdown(before, after, max(wall_s, duration_s))
             row = result.summary(slo_p99_ms)
             rows.append(row)
             if row["client_cpu_share"] > CPU_WARNING_SHARE:
@@ -67,11 +73,16 @@ async def run_steps(
                     file=sys.stderr,
                 )
                 break
+    await client.close()
     return rows
+
+
+_SCRAPED_AT = ("loadtest_scraped_at", ())
 
 
 async def _scrape_into(samples: Samples, session: aiohttp.ClientSession, url: str) -> None:
     samples.update(await scrape(session, url))
+    samples[_SCRAPED_AT] = time.perf_counter()
 
 
 def highest_within_slo(rows: list[dict[str, Any]], slo_p99_ms: float) -> dict[str, Any] | None:

@@ -31,6 +31,7 @@ from loadtest.__main__ import run_steps
 from loadtest.bench import ROOT, batcher_server, machine
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Driver, Load
+from loadtest.http import HttpClient
 from loadtest.server_metrics import scrape
 
 OUT = ROOT / "reliability"
@@ -159,17 +160,16 @@ async def shutdown_under_load(corpus: Corpus, peak: float) -> dict[str, Any]:
     server.__enter__()
     assert server.process is not None
     rate = round(3 * peak)
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        driver = Driver(
-            session, server.url + "/predict", corpus.bodies("predict"), seed=1, timeout_s=30, progress=False
-        )
-        load = asyncio.ensure_future(driver.run(Load("open", rate), duration_s=8, warmup_s=0, events=True))
-        await asyncio.sleep(4)
-        signalled = time.perf_counter()
-        server.process.send_signal(signal.SIGTERM)
-        code = await asyncio.get_running_loop().run_in_executor(None, server.process.wait, 60)
-        exited_after = time.perf_counter() - signalled
-        result = await load
+    client = HttpClient("127.0.0.1", server.port)
+    driver = Driver(client, "/predict", corpus.bodies("predict"), seed=1, timeout_s=30, progress=False)
+    load = asyncio.ensure_future(driver.run(Load("open", rate), duration_s=8, warmup_s=0, events=True))
+    await asyncio.sleep(4)
+    signalled = time.perf_counter()
+    server.process.send_signal(signal.SIGTERM)
+    code = await asyncio.get_running_loop().run_in_executor(None, server.process.wait, 60)
+    exited_after = time.perf_counter() - signalled
+    result = await load
+    await client.close()
     stderr = server.process.stderr.read().decode() if server.process.stderr else ""
     if server.process.stderr:
         server.process.stderr.close()

@@ -194,3 +194,23 @@ async def test_instances_run_batches_concurrently() -> None:
     assert time.perf_counter() - started < 0.55  # not 0.6 s one after the other
     assert value(metrics, "batcher_batch_size_count") == 2
     await batcher.close(1)
+
+
+async def test_admission_is_refused_before_parsing_when_full() -> None:
+    model = FakeModel()
+    model.armed = True
+    model.gate.clear()
+    batcher, metrics = make_batcher(model, max_batch_size=1, max_queue_size=2, max_wait_ms=0, instances=1)
+    batcher.check_admission()
+    running = batcher.submit(row(3))
+    await asyncio.sleep(0.05)
+    staged = batcher.submit(row(3))
+    await asyncio.sleep(0.05)
+    queued = [batcher.submit(row(3)), batcher.submit(row(3))]
+    with pytest.raises(QueueFull):
+        batcher.check_admission()
+    assert value(metrics, "batcher_rejected_total", {"reason": "queue_full"}) == 1
+    model.gate.set()
+    await asyncio.gather(running, staged, *queued)
+    batcher.check_admission()
+    await batcher.close(1)

@@ -79,3 +79,10 @@ def test_describe_is_flat() -> None:
     flat = load_settings(None, env={}).describe()
     assert flat["batching.max_wait_ms"] == "2.0"
     assert flat["model.device"] == "auto"
+
+
+def test_every_setting_is_in_the_shipped_config() -> None:
+    text = (ROOT / "config.toml").read_text()
+    flat = load_settings(None, env={}).describe()
+    missing = [key for key in flat if f"\n{key.split('.')[1]} = " not in text]
+    assert not missing, f"config.toml does not document {missing}"
