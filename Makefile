@@ -62,8 +62,8 @@ reliability: $(VENV)/.dev  ## overload, disconnect storm, shutdown, 10-min soak,
 
 soak: reliability  ## the 10-minute soak is part of the reliability run (one run, one RELIABILITY.md)
 
-fuzz: $(VENV)/.dev  ## schemathesis against /openapi.json, 1,000 examples per operation (>= 5,000 cases)
-	$(PY) -m loadtest.fuzz --examples 1000
+fuzz: $(VENV)/.dev  ## schemathesis against /openapi.json, 3,000 examples per operation
+	$(PY) -m loadtest.fuzz --examples 3000
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -3,7 +3,7 @@
 Every operation, fixed seed, all checks (no server errors, responses conform to their
 schemas, every status documented, invalid data rejected, valid data accepted).
 
-    python -m loadtest.fuzz [--examples 1000] [--seed 20261125] [--url http://127.0.0.1:8000]
+    python -m loadtest.fuzz [--examples 3000] [--seed 20261125] [--url http://127.0.0.1:8000]
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def fuzz(examples: int, seed: int = 20261125) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--examples", type=int, default=1000, help="examples per operation (default: %(default)s)")
+    parser.add_argument("--examples", type=int, default=3000, help="examples per operation (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=20261125, help="schemathesis seed")
     parser.add_argument("--url", help="fuzz a running server instead of starting one")
     args = parser.parse_args()

@@ -256,7 +256,7 @@ def main() -> None:
     parser.add_argument("--overload-s", type=float, default=60, help="seconds of the 3x overload")
     parser.add_argument("--storm-s", type=float, default=10, help="seconds of the disconnect storm")
     parser.add_argument("--soak-minutes", type=int, default=10, help="minutes of soak at 70 %% of the maximum")
-    parser.add_argument("--fuzz-examples", type=int, default=1000, help="schemathesis examples per operation")
+    parser.add_argument("--fuzz-examples", type=int, default=3000, help="schemathesis examples per operation")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL corpus")
     args = parser.parse_args()
     results = uvloop.run(run(args))

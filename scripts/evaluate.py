@@ -25,26 +25,16 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from intents_split import MAX_SEQ_LEN, load_split  # noqa: E402
 
 from batcher.batching import pad_batch  # noqa: E402
 from batcher.config import ModelSettings  # noqa: E402
-from batcher.dialogue import dialogue_text  # noqa: E402
 from batcher.model import ModelBundle, OnnxModel, load_bundle  # noqa: E402
 from batcher.tokenization import Encoded, TextEncoder  # noqa: E402
 
-MAX_SEQ_LEN = 128
 START, END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"
-
-
-def load(path: Path, encoder: TextEncoder, labels: list[str]) -> tuple[list[Encoded], np.ndarray, np.ndarray]:
-    rows, gold, multi = [], [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        example = json.loads(line)
-        turns = [(t["speaker"], t["text"]) for t in example["turns"]]
-        rows.append(encoder.encode(dialogue_text(turns, MAX_SEQ_LEN * 4)))
-        gold.append(labels.index(example["intent"]))
-        multi.append(len(turns) > 1)
-    return rows, np.array(gold), np.array(multi)
 
 
 def predict(model: OnnxModel, rows: list[Encoded], pad_id: int, batch_size: int) -> np.ndarray:
@@ -96,7 +86,7 @@ def confusion_png(matrix: np.ndarray, path: Path) -> None:
 
 def evaluate(bundle: ModelBundle, data: Path) -> dict[str, Any]:
     encoder = TextEncoder.from_bundle(bundle.directory, MAX_SEQ_LEN)
-    rows, gold, multi = load(data / "test.jsonl", encoder, bundle.labels)
+    rows, gold, multi = load_split(data / "test.jsonl", encoder, bundle.labels)
     settings = ModelSettings(intra_op_threads=2, device="cpu")
     results: dict[str, Any] = {"examples": len(rows), "multi_turn_examples": int(multi.sum())}
     for variant, filename in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):

@@ -30,12 +30,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from build_tokenizer import build_tokenizer  # noqa: E402
 from dataset_phrases import INTENTS  # noqa: E402
+from intents_split import MAX_SEQ_LEN, load_split  # noqa: E402
 
 from batcher.batching import pad_batch  # noqa: E402
-from batcher.dialogue import dialogue_text  # noqa: E402
 from batcher.tokenization import Encoded, TextEncoder  # noqa: E402
 
-MAX_SEQ_LEN = 128
 SEED = 20261125
 
 
@@ -100,18 +99,6 @@ class Layer(nn.Module):
         return self.norm2(x + self.drop(self.ffn(x)))
 
 
-def load_split(path: Path, encoder: TextEncoder) -> tuple[list[Encoded], np.ndarray, np.ndarray]:
-    rows, labels, multi = [], [], []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            example = json.loads(line)
-            turns = [(t["speaker"], t["text"]) for t in example["turns"]]
-            rows.append(encoder.encode(dialogue_text(turns, MAX_SEQ_LEN * 4)))
-            labels.append(INTENTS.index(example["intent"]))
-            multi.append(len(turns) > 1)
-    return rows, np.array(labels), np.array(multi)
-
-
 def tensors(rows: list[Encoded], pad_id: int) -> tuple[torch.Tensor, ...]:
     return tuple(torch.from_numpy(array) for array in pad_batch(rows, pad_id))
 
@@ -137,8 +124,8 @@ def progress(epoch: int, epochs: int, step: int, steps: int, loss: float, starte
 
 
 def train(args: argparse.Namespace, encoder: TextEncoder) -> Bert:
-    train_rows, train_y, _ = load_split(args.data / "train.jsonl", encoder)
-    dev_rows, dev_y, _ = load_split(args.data / "dev.jsonl", encoder)
+    train_rows, train_y, _ = load_split(args.data / "train.jsonl", encoder, INTENTS)
+    dev_rows, dev_y, _ = load_split(args.data / "dev.jsonl", encoder, INTENTS)
     model = Bert(encoder.vocab_size, len(INTENTS))
     steps = math.ceil(len(train_rows) / args.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
@@ -197,7 +184,7 @@ def export(model: Bert, out: Path, encoder: TextEncoder, data: Path) -> None:
         opset_version=17,
         dynamo=False,
     )
-    rows, _, _ = load_split(data / "test.jsonl", encoder)
+    rows, _, _ = load_split(data / "test.jsonl", encoder, INTENTS)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     worst = 0.0
     for batch_size in (1, 8, 32, 64):

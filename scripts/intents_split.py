@@ -1,0 +1,29 @@
+"""Read a data/intents split as the model sees it: the server's own dialogue text and
+tokenizer, so training, evaluation and serving agree on every input."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from batcher.dialogue import dialogue_text
+from batcher.tokenization import Encoded, TextEncoder
+
+MAX_SEQ_LEN = 128
+
+
+def load_split(path: Path, encoder: TextEncoder, labels: list[str]) -> tuple[list[Encoded], np.ndarray, np.ndarray]:
+    """Encoded rows, gold label ids, and which examples are multi-turn."""
+    rows, gold, multi = [], [], []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        example = json.loads(line)
+        turns = [(t["speaker"], t["text"]) for t in example["turns"]]
+        rows.append(encoder.encode(dialogue_text(turns, MAX_SEQ_LEN * 4)))
+        gold.append(labels.index(example["intent"]))
+        multi.append(len(turns) > 1)
+    return rows, np.array(gold), np.array(multi)
