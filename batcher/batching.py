@@ -9,8 +9,9 @@ over before anything else) and then resolves the run's futures.
 Timing policy:
 - a free model instance takes a batch at once when a full batch is queued; otherwise it
   waits up to `max_wait_ms` from the oldest request's admission, but only while another
-  arrival is expected within that window (an EWMA of inter-arrival gaps), so a lone
-  client never waits for company that is not coming;
+  arrival is expected within that window (an EWMA of inter-arrival gaps) and recent waits
+  actually found company (an EWMA of their outcome, probed now and then), so a lone
+  client does not wait for company that is not coming;
 - while every instance is busy, one extra *full* batch is handed to the worker pool, so
   the model starts it the moment it frees instead of waiting for the loop.
 """
@@ -40,6 +41,12 @@ from batcher.tokenization import Encoded
 log = logging.getLogger(__name__)
 
 GAP_EWMA_WEIGHT = 0.2
+# Waiting for company stops paying when recent waits found none (a lone closed-loop client:
+# its next request only comes after this one is answered, however short the gaps look).
+# One decision in COMPANY_PROBE_EVERY still waits, to notice when traffic returns.
+COMPANY_EWMA_WEIGHT = 0.25
+COMPANY_THRESHOLD = 0.3
+COMPANY_PROBE_EVERY = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +123,9 @@ class Batcher:
         self._timeout_s = settings.request_timeout_ms / 1000
         self._inflight = 0
         self._gap_ewma_s = math.inf
+        self._company = 1.0  # EWMA: share of recent waits that ended with more than one request
+        self._decisions = 0
+        self._waited_for: Pending | None = None
         self._last_arrival = -math.inf
         self._waker: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -231,9 +241,18 @@ class Batcher:
         remaining = (oldest if oldest is not None else now) + self._max_wait_s - now
         if remaining <= 0 or self._gap_ewma_s >= remaining:
             return None
+        if self._waited_for is None:  # deciding afresh whether this request waits
+            self._decisions += 1
+            if self._company < COMPANY_THRESHOLD and self._decisions % COMPANY_PROBE_EVERY:
+                return None
+            self._waited_for = self._queue.pending[0]
         return remaining
 
     def _dispatch(self, now: float) -> None:
+        waited = len(self._queue) > 1 if self._waited_for is not None else None
+        self._waited_for = None
+        if waited is not None:  # did waiting bring company? (a lone closed-loop client never gets any)
+            self._company += COMPANY_EWMA_WEIGHT * (waited - self._company)
         selection = take_batch(self._queue.pending, self._limits, now)
         for entry in selection.dropped:
             self._settle(entry)

@@ -182,15 +182,47 @@ def ceiling(corpus: Corpus, seconds: float) -> dict[str, Any]:
     return {"best": best, "all": results, "mean_tokens": round(float(np.mean([len(r) for r in rows])), 1)}
 
 
-async def measure_server(
-    server: Server, corpus: Corpus, args: argparse.Namespace, *, one_client: bool
-) -> dict[str, Any]:
+async def lone_client(corpus: Corpus, args: argparse.Namespace, rounds: int = 4) -> dict[str, Any]:
+    """One closed-loop client against batcher with and without batching, both servers up and
+    the steps interleaved (A B A B ...), so drift on a shared machine hits both alike."""
+    servers = [
+        batcher_server("batcher (defaults)"),
+        batcher_server("batcher max_batch_size=1", "batching.max_batch_size=1"),
+    ]
+    steps: dict[str, list[dict[str, Any]]] = {server.name: [] for server in servers}
+    for server in servers:
+        server.__enter__()
+    try:
+        for _ in range(rounds):
+            for server in servers:
+                row = await run_steps(
+                    server.url,
+                    [Load("closed", 1)],
+                    corpus=corpus,
+                    seed=args.seed,
+                    duration_s=args.step_duration / 2,
+                    warmup_s=0.5,
+                    progress=False,
+                )
+                steps[server.name].append(row[0])
+    finally:
+        for server in servers:
+            server.__exit__()
+    return {
+        name: {
+            "median_ms": float(np.median([r["p50_ms"] for r in rows])),
+            "p99_ms": float(np.median([r["p99_ms"] for r in rows])),
+            "throughput_rps": float(np.median([r["throughput_rps"] for r in rows])),
+            "step_medians_ms": [r["p50_ms"] for r in rows],
+        }
+        for name, rows in steps.items()
+    }
+
+
+async def measure_server(server: Server, corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
     common = {"corpus": corpus, "seed": args.seed, "progress": not args.quiet}
     closed = await run_steps(server.url, [Load("closed", 64)], duration_s=args.duration, warmup_s=args.warmup, **common)
     result: dict[str, Any] = {"closed64": closed[0]}
-    if one_client:
-        one = await run_steps(server.url, [Load("closed", 1)], duration_s=args.step_duration, warmup_s=1, **common)
-        result["closed1"] = one[0]
     peak = closed[0]["throughput_rps"]
     loads = [Load("open", round(peak * f, 1)) for f in SWEEP_FRACTIONS]
     result["sweep"] = await run_steps(
@@ -270,16 +302,18 @@ def header(args: argparse.Namespace, corpus: Corpus) -> dict[str, Any]:
 async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     corpus = Corpus(args.corpus, seed=args.seed)
     results["ceiling"] = ceiling(corpus, args.ceiling_seconds)
+    print("== one client, batched vs not, interleaved", file=sys.stderr)
+    results["lone_client"] = await lone_client(corpus, args)
     servers = {}
-    for server, one_client in (
-        (batcher_server("batcher (defaults)"), True),
-        (batcher_server("batcher max_batch_size=1", "batching.max_batch_size=1"), True),
-        (naive_server("naive, padded to 128", "max"), False),
-        (naive_server("naive, dynamic padding", "dynamic"), False),
+    for server in (
+        batcher_server("batcher (defaults)"),
+        batcher_server("batcher max_batch_size=1", "batching.max_batch_size=1"),
+        naive_server("naive, padded to 128", "max"),
+        naive_server("naive, dynamic padding", "dynamic"),
     ):
         print(f"== {server.name}", file=sys.stderr)
         with server:
-            servers[server.name] = await measure_server(server, corpus, args, one_client=one_client)
+            servers[server.name] = await measure_server(server, corpus, args)
     results["servers"] = servers
     if not args.skip_tuning:
         rate = round(servers["batcher (defaults)"]["closed64"]["throughput_rps"] / 2, 1)

@@ -214,3 +214,18 @@ async def test_admission_is_refused_before_parsing_when_full() -> None:
     await asyncio.gather(running, staged, *queued)
     batcher.check_admission()
     await batcher.close(1)
+
+
+async def test_a_fast_lone_client_stops_paying_for_waits() -> None:
+    """Closed loop, one client, gaps far shorter than max_wait_ms: the gap estimate alone would
+    make it wait every time; the outcome of recent waits (no company came) stops that."""
+    batcher, _ = make_batcher(FakeModel(), max_wait_ms=40)
+    latencies = []
+    for _ in range(40):
+        started = time.perf_counter()
+        await batcher.submit(row(5))
+        latencies.append(time.perf_counter() - started)
+        await asyncio.sleep(0.001)
+    assert sorted(latencies)[20] < 0.01  # median: no 40 ms wait
+    assert sum(latency > 0.03 for latency in latencies) <= 10  # a few waits early, and rare probes
+    await batcher.close(1)
