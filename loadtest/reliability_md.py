@@ -72,7 +72,9 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         f"| the server stays up | answered the 5 s recovery step: {_answers(after['statuses'])} "
         f"| {_ok(after['statuses'].get('200', 0) > 0)} |",
         "",
-        f"The generator used {spike['client_cpu_share']:.0%} of a core during the spike.",
+        f"The generator used {spike['client_cpu_share']:.0%} of a core during the spike. Latency is measured "
+        "from each request's scheduled send time, on the same 2 cores as the server and its two model threads, "
+        "so the 429 figure includes time the request waited for the generator and for the server's event loop.",
         "",
         "## Disconnect storm",
         "",
@@ -107,6 +109,10 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         f"{_answers(shutdown['after'])} | {_ok(all(s in ('503', 'connection_error') for s in shutdown['after']))} |",
         f"| exit 0 within shutdown_timeout_s | exit {shutdown['exit_code']} after {shutdown['exit_s']} s, "
         f"{shutdown['tracebacks']} tracebacks | {_ok(shutdown['exit_code'] == 0 and shutdown['exit_s'] <= 20)} |",
+        "",
+        '"After SIGTERM" is judged by the generator\'s clock: a request written in the instant between the '
+        "generator's `kill` and the server's signal handler running is admitted like any other and gets 200 or "
+        "429; from the handler on, predictions get 503 until the listener closes.",
         "",
     ]
     if "soak" in results:
