@@ -18,7 +18,7 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train import Bert  # noqa: E402
+from train import Bert
 
 
 def export(model: Bert, path: Path, *, dynamo: bool) -> None:
