@@ -158,11 +158,11 @@ class Batcher:
     def check_admission(self, rows: int = 1) -> None:
         """Refuse (429) before any parsing when the queue cannot take `rows` more: under
         overload the refusal must cost the loop as little as possible."""
-        if len(self._queue) + rows > self._queue.max_size:
+        try:
+            self._queue.check_room(rows)
+        except QueueFull:
             self._metrics.rejected.labels("queue_full").inc()
-            raise QueueFull(
-                f"queue holds {self._queue.max_size} requests, its limit; retry later", headers={"Retry-After": "1"}
-            )
+            raise
 
     def submit(self, encoded: Encoded) -> asyncio.Future[Prediction]:
         """Admit one request; its future resolves to a Prediction or fails with an HTTPError."""

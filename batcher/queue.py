@@ -132,11 +132,15 @@ class RequestQueue:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def push(self, entry: Pending) -> None:
-        if len(self.pending) >= self.max_size:
+    def check_room(self, rows: int = 1) -> None:
+        """429 unless `rows` more requests fit under `max_size`."""
+        if len(self.pending) + rows > self.max_size:
             raise QueueFull(
                 f"queue holds {self.max_size} requests, its limit; retry later", headers={"Retry-After": "1"}
             )
+
+    def push(self, entry: Pending) -> None:
+        self.check_room()
         self.pending.append(entry)
 
     def oldest_enqueued_at(self) -> float | None:
