@@ -52,12 +52,13 @@ async def run_steps(
         driver = Driver(client, path, corpus.bodies(endpoint), seed=seed, timeout_s=timeout_s, progress=progress)
         for load in loads:
             before: Samples = {}
-            snapshot = partial(_scrape_into, before, session, base_url + "/metrics")
+            scraped_at: list[float] = []
+            snapshot = partial(_scrape_into, before, scraped_at, session, base_url + "/metrics")
             result = await driver.run(load, duration_s=duration_s, warmup_s=warmup_s, on_measure_start=snapshot)
             after = await scrape(session, base_url + "/metrics")
             # Server rates over the time between the two scrapes: the step plus the drain of
             # requests still in flight at its end (long under overload).
-            wall_s = time.perf_counter() - before.pop(_SCRAPED_AT, time.perf_counter() - duration_s)
+            wall_s = time.perf_counter() - scraped_at[0] if scraped_at else duration_s
             result.server = breakdown(before, after, max(wall_s, duration_s))
             row = result.summary(slo_p99_ms)
             rows.append(row)
@@ -77,12 +78,9 @@ async def run_steps(
     return rows
 
 
-_SCRAPED_AT = ("loadtest_scraped_at", ())
-
-
-async def _scrape_into(samples: Samples, session: aiohttp.ClientSession, url: str) -> None:
+async def _scrape_into(samples: Samples, at: list[float], session: aiohttp.ClientSession, url: str) -> None:
     samples.update(await scrape(session, url))
-    samples[_SCRAPED_AT] = time.perf_counter()
+    at.append(time.perf_counter())
 
 
 def highest_within_slo(rows: list[dict[str, Any]], slo_p99_ms: float) -> dict[str, Any] | None:

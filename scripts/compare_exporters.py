@@ -12,6 +12,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -26,29 +27,20 @@ def export(model: Bert, path: Path, *, dynamo: bool) -> None:
     names = ["input_ids", "attention_mask", "token_type_ids"]
     if dynamo:
         batch, sequence = torch.export.Dim("batch"), torch.export.Dim("sequence")
-        shapes = {name: {0: batch, 1: sequence} for name in names}
-        torch.onnx.export(
-            model,
-            sample,
-            str(path),
-            input_names=names,
-            output_names=["logits"],
-            dynamic_shapes=shapes,
-            opset_version=18,
-            dynamo=True,
-        )
+        shapes: dict[str, Any] = {"dynamic_shapes": {name: {0: batch, 1: sequence} for name in names}}
     else:
         axes = {name: {0: "batch", 1: "sequence"} for name in names}
-        torch.onnx.export(
-            model,
-            sample,
-            str(path),
-            input_names=names,
-            output_names=["logits"],
-            dynamic_axes={**axes, "logits": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
+        shapes = {"dynamic_axes": {**axes, "logits": {0: "batch"}}}
+    torch.onnx.export(
+        model,
+        sample,
+        str(path),
+        input_names=names,
+        output_names=["logits"],
+        opset_version=18 if dynamo else 17,
+        dynamo=dynamo,
+        **shapes,
+    )
 
 
 def seconds_per_run(path: Path, rows: int, length: int, runs: int = 20) -> float:
