@@ -16,16 +16,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from loadtest.bench import free_port
 from tests.tiny_model import build_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
 LONG = {"turns": [{"speaker": "user", "text": "我们有空一起去看风景好不好" * 40}]}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def start(bundle: Path, *overrides: str, config: Path | None = None) -> tuple[subprocess.Popen[str], str]:

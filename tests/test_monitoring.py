@@ -19,7 +19,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.test_app import ROOT, finish, free_port, start, wait_ready
+from loadtest.bench import free_port
+from tests.test_app import ROOT, finish, start, wait_ready
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "batcher.json"
