@@ -108,8 +108,11 @@ class BatchingSettings:
     max_wait_ms: float = 2.0
     """Longest time the oldest queued request waits for company while the model is idle.
     The wait adapts to the arrival rate: a lone client does not wait."""
-    max_queue_size: int = 1024
-    """Requests admitted but not yet answered; past it, 429 with Retry-After."""
+    max_queue_size: int = 256
+    """Requests admitted but not yet running; past it, 429 with Retry-After. 256 is ~0.2 s of
+    work at the bundled model's maximum on 2 cores: under a 3x overload admitted requests
+    kept a p99 of ~0.4 s (~1.1 s at 1024) and refusals stayed faster (RELIABILITY.md).
+    Raise it with the hardware's throughput (roughly 0.2 s x requests/s)."""
     request_timeout_ms: float = 10_000.0
     """Deadline from admission to answer; a request still queued then gets 504 and is
     never computed."""

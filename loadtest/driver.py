@@ -53,12 +53,32 @@ class StepResult:
     latency: HdrHistogram = field(default_factory=new_histogram)
     ok_latency: HdrHistogram = field(default_factory=new_histogram)
     by_status: dict[str, HdrHistogram] = field(default_factory=dict)
+    by_status_from_send: dict[str, HdrHistogram] = field(default_factory=dict)
+    """The same, measured from the moment the generator began sending the request (taking a
+    connection, opening one if none is idle, writing) rather than from its schedule: the
+    server's share of the latency, without the generator's own lateness."""
     events: list[tuple[float, str]] | None = None
     """(time the request was written, on the perf_counter clock; status) per request, when asked for."""
     late: int = 0
     unsent: int = 0
     client_cpu_s: float = 0.0
     server: dict[str, object] = field(default_factory=dict)
+
+    def record(self, status: str, *, scheduled: float, sent: float, answered: float) -> None:
+        """One answer (or failure). Times on the perf_counter clock; `scheduled` is when the
+        request was due (open loop) or sent (closed loop), so latency counts any lateness."""
+        latency_us = _micros(answered - scheduled)
+        self.statuses[status] += 1
+        self.latency.record_value(latency_us)
+        if self.events is not None:
+            self.events.append((sent, status))
+        if status not in self.by_status:
+            self.by_status[status] = new_histogram()
+            self.by_status_from_send[status] = new_histogram()
+        self.by_status[status].record_value(latency_us)
+        self.by_status_from_send[status].record_value(_micros(answered - sent))
+        if status == "200":
+            self.ok_latency.record_value(latency_us)
 
     @property
     def answered(self) -> int:
@@ -78,7 +98,8 @@ class StepResult:
             ok_within_slo = sum(
                 item.count_added_in_this_iter_step
                 for item in self.ok_latency.get_recorded_iterator()
-                if item.value_iterated_to <= slo_ms * 1000
+                # a bucket holds values equivalent within HDR's precision: within the SLO if its lowest is
+                if self.ok_latency.get_lowest_equivalent_value(item.value_iterated_to) <= slo_ms * 1000
             )
         return {
             "load": self.load.label,
@@ -97,6 +118,10 @@ class StepResult:
             "statuses": dict(sorted(self.statuses.items())),
             "p99_ms_by_status": {
                 status: round(h.get_value_at_percentile(99) / 1000, 3) for status, h in sorted(self.by_status.items())
+            },
+            "p99_ms_by_status_from_send": {
+                status: round(h.get_value_at_percentile(99) / 1000, 3)
+                for status, h in sorted(self.by_status_from_send.items())
             },
             "late": self.late,
             "unsent": self.unsent,
@@ -196,18 +221,8 @@ class Driver:
             status = "timeout"
         except (ConnectionError, OSError):
             status = "connection_error"
-        if not record:
-            return
-        elapsed_us = max(1, int((time.perf_counter() - started) * 1_000_000))
-        result.statuses[status] += 1
-        result.latency.record_value(min(elapsed_us, MAX_LATENCY_US))
-        if result.events is not None:
-            result.events.append((sent, status))
-        if status not in result.by_status:
-            result.by_status[status] = new_histogram()
-        result.by_status[status].record_value(min(elapsed_us, MAX_LATENCY_US))
-        if status == "200":
-            result.ok_latency.record_value(min(elapsed_us, MAX_LATENCY_US))
+        if record:
+            result.record(status, scheduled=started, sent=sent, answered=time.perf_counter())
 
     async def _tick(self, result: StepResult, started: float, duration_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -223,6 +238,11 @@ class Driver:
                 f"p99={result.percentile_ms(99):.1f}ms"
             )
             print(("\r" if interactive else "") + line, end="" if interactive else "\n", file=sys.stderr, flush=True)
+
+
+def _micros(seconds: float) -> int:
+    """A latency for the histograms: whole microseconds, clamped to their range."""
+    return min(max(1, int(seconds * 1_000_000)), MAX_LATENCY_US)
 
 
 def _cpu_seconds() -> float:

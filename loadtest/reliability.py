@@ -35,6 +35,7 @@ from loadtest.http import HttpClient
 from loadtest.server_metrics import scrape
 
 OUT = ROOT / "reliability"
+DRAIN_LOG = re.compile(r"SIGTERM: draining \d+ unanswered requests \(monotonic ([0-9.]+)\)")
 
 
 def rss_bytes(pid: int) -> int:
@@ -174,12 +175,18 @@ async def shutdown_under_load(corpus: Corpus, peak: float) -> dict[str, Any]:
     if server.process.stderr:
         server.process.stderr.close()
     events = result.events or []
-    before = Counter(status for sent, status in events if sent < signalled)
-    after = Counter(status for sent, status in events if sent >= signalled)
+    # Split at the instant the server began draining (its log gives it on the monotonic
+    # clock, which perf_counter shares on Linux); requests written between our kill() and
+    # the server's signal callback were read before the drain and answered like any other.
+    match = DRAIN_LOG.search(stderr)
+    drain_at = float(match.group(1)) if match else signalled
+    before = Counter(status for sent, status in events if sent < drain_at)
+    after = Counter(status for sent, status in events if sent >= drain_at)
     return {
         "rate": rate,
         "before": dict(before),
         "after": dict(after),
+        "drain_delay_ms": round((drain_at - signalled) * 1000, 2) if match else None,
         "exit_code": code,
         "exit_s": round(exited_after, 2),
         "tracebacks": stderr.count("Traceback"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -16,7 +17,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+import app
 from loadtest.bench import free_port
+from loadtest.reliability import DRAIN_LOG
 from tests.tiny_model import build_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,6 +115,7 @@ async def test_sigterm_with_100_in_flight_answers_all_and_exits_0(slow_bundle: P
         tasks = [asyncio.ensure_future(one()) for _ in range(100)]
         await asyncio.sleep(0.15)
         done_before_signal = sum(task.done() for task in tasks)
+        signalled = time.monotonic()
         process.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.05)
         try:
@@ -127,7 +131,21 @@ async def test_sigterm_with_100_in_flight_answers_all_and_exits_0(slow_bundle: P
         assert late_status == 503 and late_body["error"]["type"] == "shutting_down"
     code, output = finish(process, 25)
     assert code == 0
-    assert "draining" in output and "Traceback" not in output
+    assert "Traceback" not in output
+    drain = DRAIN_LOG.search(output)  # the instant loadtest.reliability splits "before" from "after" at
+    assert drain is not None, output
+    assert signalled < float(drain.group(1)) < signalled + 5
+
+
+def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold() -> None:
+    before = gc.get_threshold()
+    try:
+        app.tune_gc()
+        assert gc.get_threshold() == (app.GC_GEN0_THRESHOLD, before[1], before[2])
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
 
 
 @pytest.mark.parametrize(
