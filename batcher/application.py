@@ -12,6 +12,7 @@ import logging
 from collections.abc import AsyncIterator
 from functools import partial
 
+import aiohttp_cors
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from swagger_ui_bundle import swagger_ui_path
@@ -19,9 +20,9 @@ from swagger_ui_bundle import swagger_ui_path
 from batcher import __version__, handlers
 from batcher.batching import Batcher
 from batcher.config import Settings
-from batcher.handlers import OPENAPI, SERVICE, SERVICE_TITLE
+from batcher.handlers import OPENAPI, SERVICE, SERVICE_TITLE, TIMING_HEADERS
 from batcher.metrics import Metrics
-from batcher.middleware import errors, observe
+from batcher.middleware import REQUEST_ID, errors, observe
 from batcher.model import Model, OnnxModel, load_bundle, warm_up
 from batcher.openapi import SWAGGER_PAGE, build_openapi
 from batcher.service import Service, load_tokens
@@ -50,8 +51,24 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, model: Mod
         app.router.add_get("/openapi.json", handlers.openapi)
         app.router.add_get("/docs", docs)
         app.router.add_static("/docs/static", swagger_ui_path)
+    if server.cors_origins:
+        enable_cors(app, server.cors_origins, max_age_s=server.cors_max_age_s)
     app.cleanup_ctx.append(partial(lifecycle, model=model))
     return app
+
+
+def enable_cors(app: web.Application, origins: tuple[str, ...], *, max_age_s: int) -> None:
+    """CORS on every API route for `origins` (aiohttp-cors answers the preflights): browsers
+    may send the JSON and bearer-token headers and read the request id and timing headers."""
+    options = aiohttp_cors.ResourceOptions(  # type: ignore[no-untyped-call]  # its __init__ is unannotated
+        allow_headers=("Content-Type", "Authorization", REQUEST_ID),
+        expose_headers=(REQUEST_ID, *TIMING_HEADERS, "Retry-After"),
+        max_age=max_age_s,
+    )
+    cors = aiohttp_cors.setup(app, defaults=dict.fromkeys(origins, options))
+    for route in list(app.router.routes()):
+        if not isinstance(route.resource, web.StaticResource):
+            cors.add(route)
 
 
 class MalformedRequestFilter(logging.Filter):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 import typing
 from collections.abc import Iterable, Mapping
@@ -20,6 +21,7 @@ from batcher.errors import ConfigError
 Device = Literal["auto", "cpu", "cuda"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -42,6 +44,12 @@ class ServerSettings:
     predict routes require `Authorization: Bearer <token>` and answer 401 without it."""
     auth_tokens_env: str = "BATCHER_AUTH_TOKENS"
     """Environment variable holding comma-separated bearer tokens (added to the file's)."""
+    cors_allow_origins: str = ""
+    """Browser origins allowed to call the API cross-origin, comma-separated
+    (`"https://app.example.com, https://admin.example.com"`), or `"*"` for any. Empty: CORS
+    is off, responses carry no CORS headers and preflight requests get 405."""
+    cors_max_age_s: int = 600
+    """How long a browser may cache a preflight answer."""
     expose_docs: bool = True
     """Serve /docs and /openapi.json."""
     expose_metrics: bool = True
@@ -63,6 +71,17 @@ class ServerSettings:
         _check_range("server.shutdown_timeout_s", self.shutdown_timeout_s, 0, 3600)
         _check_range("server.body_read_timeout_s", self.body_read_timeout_s, 0.01, 3600)
         _check_range("server.metrics_port", self.metrics_port, 0, 65535)
+        _check_range("server.cors_max_age_s", self.cors_max_age_s, 0, 86_400)
+        for origin in self.cors_origins:
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ConfigError(
+                    f"server.cors_allow_origins: {origin!r} is not an origin; expected scheme://host[:port] or *"
+                )
+
+    @property
+    def cors_origins(self) -> tuple[str, ...]:
+        """The allowed origins, parsed; empty when CORS is off."""
+        return tuple(dict.fromkeys(item.strip() for item in self.cors_allow_origins.split(",") if item.strip()))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -46,6 +46,12 @@ class Unauthorized(HTTPError):
     default_message = "a valid bearer token is required (Authorization: Bearer <token>)"
 
 
+class CORSForbidden(HTTPError):
+    status = 403
+    type = "cors_forbidden"
+    default_message = "CORS preflight refused: this origin, method or header is not allowed"
+
+
 class NotFound(HTTPError):
     status = 404
     type = "not_found"

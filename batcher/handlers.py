@@ -24,6 +24,7 @@ SERVICE = web.AppKey("service", Service)
 OPENAPI = web.AppKey("openapi", dict)
 SERVICE_TITLE = "batcher: 意图识别 ONNX 推理服务"
 STARTED = web.RequestKey("started", float)
+TIMING_HEADERS = ("x-queue-time-ms", "x-inference-time-ms", "x-batch-size")
 
 
 def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -149,8 +150,9 @@ def render(service: Service, body: PredictRequest, prediction: Prediction, start
 
 
 def timing_headers(prediction: Prediction) -> dict[str, str]:
+    queue, inference, batch_size = TIMING_HEADERS
     return {
-        "x-queue-time-ms": f"{prediction.queue_ms:.3f}",
-        "x-inference-time-ms": f"{prediction.inference_ms:.3f}",
-        "x-batch-size": str(prediction.batch_size),
+        queue: f"{prediction.queue_ms:.3f}",
+        inference: f"{prediction.inference_ms:.3f}",
+        batch_size: str(prediction.batch_size),
     }

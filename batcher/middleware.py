@@ -11,7 +11,7 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from batcher.errors import HTTPError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge, snippet
+from batcher.errors import CORSForbidden, HTTPError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge, snippet
 from batcher.handlers import SERVICE, STARTED, json_response
 from batcher.metrics import PREDICT_ROUTES, ROUTES
 
@@ -66,7 +66,9 @@ async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 def _from_aiohttp(request: web.Request, exc: web.HTTPException) -> dict[str, dict[str, str]]:
-    """aiohttp's own 404/405/413 (routing, body size) in our error shape."""
+    """aiohttp's own 404/405/413 (routing, body size) and aiohttp-cors' 403 in our error shape."""
+    if exc.status == 403:
+        return CORSForbidden().body()
     if exc.status == 404:
         return NotFound(f"no route for {request.method} {snippet(request.path)}").body()
     if exc.status == 405:

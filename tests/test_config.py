@@ -46,12 +46,22 @@ def test_relative_model_path_resolves_against_config_dir(tmp_path: Path) -> None
         (["batching.max_wait_ms=fast"], "batching.max_wait_ms = 'fast' must be of type float"),
         (["model.device=tpu"], "model.device = 'tpu' is not allowed; allowed values: 'auto', 'cpu', 'cuda'"),
         (["max_batch_size"], "expected section.key=value"),
+        (['server.cors_allow_origins="app.example.com"'], "'app.example.com' is not an origin"),
+        (['server.cors_allow_origins="https://a.example/path"'], "is not an origin"),
     ],
 )
 def test_bad_settings_name_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(None, env={}, overrides=overrides)
     assert message in str(info.value)
+
+
+def test_cors_origins_parse_and_default_off() -> None:
+    assert load_settings(None, env={}).server.cors_origins == ()
+    value = '"https://a.example, http://localhost:3000,https://a.example, http://[::1]:8080"'
+    settings = load_settings(None, env={}, overrides=[f"server.cors_allow_origins={value}"])
+    assert settings.server.cors_origins == ("https://a.example", "http://localhost:3000", "http://[::1]:8080")
+    assert load_settings(None, env={"BATCHER_SERVER__CORS_ALLOW_ORIGINS": "*"}).server.cors_origins == ("*",)
 
 
 def test_bad_env_key_names_the_variable() -> None:

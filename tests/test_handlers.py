@@ -338,6 +338,38 @@ async def test_metrics_and_docs_can_be_turned_off(make_client: MakeClient) -> No
     assert (await client.post("/predict", json=ONE)).status == 200
 
 
+async def test_cors_is_off_unless_configured(make_client: MakeClient) -> None:
+    client = await make_client()
+    response = await client.post("/predict", json=ONE, headers={"Origin": "https://app.example"})
+    assert response.status == 200 and not any(h.startswith("Access-Control") for h in response.headers)
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    await expect_error(await client.options("/predict", headers=preflight), 405, "method_not_allowed")
+
+
+async def test_cors_answers_preflights_for_allowed_origins_only(make_client: MakeClient) -> None:
+    client = await make_client('server.cors_allow_origins="https://app.example"', "server.cors_max_age_s=120")
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type, authorization",
+    }
+    response = await client.options("/predict", headers=preflight)
+    assert response.status == 200
+    assert response.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert response.headers["Access-Control-Allow-Methods"] == "POST"
+    assert response.headers["Access-Control-Max-Age"] == "120"
+    assert {"CONTENT-TYPE", "AUTHORIZATION"} <= set(response.headers["Access-Control-Allow-Headers"].split(","))
+    answer = await client.post("/predict", json=ONE, headers={"Origin": "https://app.example"})
+    assert answer.status == 200 and answer.headers["Access-Control-Allow-Origin"] == "https://app.example"
+    assert "x-request-id" in answer.headers["Access-Control-Expose-Headers"].split(",")
+    # Another origin: its preflight is refused in our error shape, and no CORS headers on answers.
+    await expect_error(
+        await client.options("/predict", headers={**preflight, "Origin": "https://evil.example"}), 403, "cors_forbidden"
+    )
+    other = await client.post("/predict", json=ONE, headers={"Origin": "https://evil.example"})
+    assert other.status == 200 and "Access-Control-Allow-Origin" not in other.headers
+
+
 async def test_hung_model_answers_504_and_reports_not_ready(make_client: MakeClient) -> None:
     # FakeModel: a test-only hang; the watchdog is the request deadline.
     model = FakeModel()
