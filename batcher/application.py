@@ -22,7 +22,7 @@ from batcher.batching import Batcher
 from batcher.config import Settings
 from batcher.handlers import OPENAPI, SERVICE, SERVICE_TITLE, TIMING_HEADERS
 from batcher.metrics import Metrics
-from batcher.middleware import REQUEST_ID, errors, observe
+from batcher.middleware import REQUEST_ID, observe
 from batcher.model import Model, OnnxModel, load_bundle, warm_up
 from batcher.openapi import SWAGGER_PAGE, build_openapi
 from batcher.service import Service, load_tokens
@@ -35,7 +35,7 @@ WARMUP_LENGTHS = (8, 32)
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None, model: Model | None = None) -> web.Application:
     """The app; `model` replaces the bundle's ONNX session (tests of timing use a fake)."""
-    app = web.Application(client_max_size=settings.server.client_max_size_bytes, middlewares=[observe, errors])
+    app = web.Application(client_max_size=settings.server.client_max_size_bytes, middlewares=[observe])
     app[SERVICE] = Service(settings, metrics or Metrics())
     app[OPENAPI] = build_openapi(SERVICE_TITLE, __version__)
     app.router.add_get("/", handlers.index)
@@ -95,7 +95,7 @@ def install_log_filters() -> None:
 
 def create_metrics_app(main: web.Application) -> web.Application:
     """/metrics alone, for server.metrics_port: keeps it off the public listener."""
-    app = web.Application(middlewares=[errors])
+    app = web.Application(middlewares=[observe])
     app[SERVICE] = main[SERVICE]
     app.router.add_get("/metrics", handlers.metrics)
     return app

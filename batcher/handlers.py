@@ -116,8 +116,11 @@ async def read_json(request: web.Request) -> Any:
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is {request.content_length} bytes, more than the {limit} allowed")
     try:
-        async with asyncio.timeout(server.body_read_timeout_s):
+        if request.content.is_eof():  # the whole body came with the headers: no timer needed
             raw = await request.read()
+        else:
+            async with asyncio.timeout(server.body_read_timeout_s):
+                raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise PayloadTooLarge(f"request body is more than the {limit} bytes allowed") from None
     except TimeoutError:

@@ -30,7 +30,7 @@ ROUTES = (
     "other",
 )
 PREDICT_ROUTES = ("/predict", "/predict/batch")
-STATUSES = ("200", "400", "401", "404", "405", "413", "422", "429", "500", "503", "504")
+STATUSES = ("200", "400", "401", "403", "404", "405", "408", "413", "422", "429", "500", "503", "504")
 REJECT_REASONS = ("queue_full", "deadline", "disconnected", "invalid", "model_error", "not_ready", "unauthorized")
 
 # Millisecond-scale latencies: 0.5 ms to 10 s.
@@ -142,6 +142,17 @@ class Metrics:
             self.rejected.labels(reason)
         for kind in ("real", "padding"):
             self.batch_tokens.labels(kind)
+        self._answer_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+
+    def answered(self, route: str, status: int, seconds: float) -> None:
+        """Count and time one answer. The labelled children are looked up once per (route,
+        status) and kept: labels() takes a lock and builds a key on every call."""
+        children = self._answer_children.get((route, status))
+        if children is None:
+            children = (self.requests.labels(route, str(status)), self.request_duration.labels(route))
+            self._answer_children[(route, status)] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def describe_model(self, info: Mapping[str, str]) -> None:
         """Publish the model and its settings (dots become underscores in label names)."""

@@ -1,4 +1,4 @@
-"""Request middleware: request ids, per-route metrics, and the one place errors become JSON."""
+"""The request middleware: request ids, per-route metrics, and the one place errors become JSON."""
 
 from __future__ import annotations
 
@@ -36,33 +36,28 @@ def route_label(request: web.Request) -> str:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost: stamp the start time and request id, count and time the answer."""
+    """The one middleware: stamp the start time, turn every failure into
+    `{"error": {"type", "message"}}` with its status (never a traceback), then stamp the
+    request id and count and time the answer."""
     request[STARTED] = started = time.perf_counter()
+    try:
+        response = await handler(request)
+    except HTTPError as error:
+        response = json_response(error.body(), status=error.status, headers=error.headers)
+    except web.HTTPException as exc:
+        response = json_response(_from_aiohttp(request, exc), status=exc.status, headers=_allow(exc))
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        response = json_response(InternalError().body(), status=500)
     incoming = request.headers.get(REQUEST_ID, "")
     request_id = incoming if _REQUEST_ID_OK.match(incoming) else f"{_ID_PREFIX}{next(_ID_COUNTER):020d}"
-    response = await handler(request)
     response.headers[REQUEST_ID] = request_id
     route = route_label(request)
     metrics = request.app[SERVICE].metrics
-    metrics.requests.labels(route, str(response.status)).inc()
-    metrics.request_duration.labels(route).observe(time.perf_counter() - started)
+    metrics.answered(route, response.status, time.perf_counter() - started)
     if route in PREDICT_ROUTES and response.status in _INVALID_STATUSES:
         metrics.rejected.labels("invalid").inc()
     return response
-
-
-@web.middleware
-async def errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Every failure becomes `{"error": {"type", "message"}}` with its status; never a traceback."""
-    try:
-        return await handler(request)
-    except HTTPError as error:
-        return json_response(error.body(), status=error.status, headers=error.headers)
-    except web.HTTPException as exc:
-        return json_response(_from_aiohttp(request, exc), status=exc.status, headers=_allow(exc))
-    except Exception:
-        log.exception("unhandled error on %s %s", request.method, request.path)
-        return json_response(InternalError().body(), status=500)
 
 
 def _from_aiohttp(request: web.Request, exc: web.HTTPException) -> dict[str, dict[str, str]]:
