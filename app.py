@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import gc
 import logging
+import resource
 import signal
 import sys
 import time
@@ -18,7 +19,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from batcher.application import create_app, create_metrics_app, install_log_filters
+from batcher.application import create_app, create_metrics_app, install_log_filters, server_options
 from batcher.config import Settings, load_settings
 from batcher.errors import StartupError
 from batcher.handlers import SERVICE
@@ -30,6 +31,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
 # while it walked the objects of every request in flight; at 10,000 the collector ran about
 # once every 2 s and the p99 of the 429s fell from ~50 ms to ~9 ms (2 cores, RELIABILITY.md).
 GC_GEN0_THRESHOLD = 10_000
+OPEN_FILES_CAP = 1 << 20  # Linux's default fs.nr_open: the most a process may ask for
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,12 +68,13 @@ async def serve(settings: Settings) -> None:
     runner = web.AppRunner(
         app,
         handle_signals=False,
-        handler_cancellation=True,  # a client that hangs up cancels its handler, so its request is skipped
         access_log=log if settings.server.access_log else None,
         shutdown_timeout=settings.server.shutdown_timeout_s,
+        **server_options(settings),
     )
     await runner.setup()  # loads, checks and warms the model; raises StartupError
     tune_gc()
+    raise_open_file_limit()
     site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=settings.server.backlog)
     await site.start()
     metrics_runner = None
@@ -108,6 +111,20 @@ async def serve(settings: Settings) -> None:
     if metrics_runner is not None:
         await metrics_runner.cleanup()
     log.info("stopped after %.2f s of draining", time.monotonic() - drain_started)
+
+
+def raise_open_file_limit() -> None:
+    """Every connection holds a file descriptor; a soft limit of 1,024 (a common default)
+    would refuse connections long before the server is busy. Raise it to the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = OPEN_FILES_CAP if hard == resource.RLIM_INFINITY else min(hard, OPEN_FILES_CAP)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("open-file limit stays at %d (could not raise it to %d: %s)", soft, target, exc)
+        else:
+            log.info("open-file limit raised from %d to %d", soft, target)
 
 
 def tune_gc() -> None:

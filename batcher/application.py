@@ -11,6 +11,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from functools import partial
+from typing import Any
 
 import aiohttp_cors
 from aiohttp import web
@@ -69,6 +70,18 @@ def enable_cors(app: web.Application, origins: tuple[str, ...], *, max_age_s: in
     for route in list(app.router.routes()):
         if not isinstance(route.resource, web.StaticResource):
             cors.add(route)
+
+
+def server_options(settings: Settings) -> dict[str, Any]:
+    """aiohttp's connection-level options from the settings, for app.py's runner and the tests'."""
+    server = settings.server
+    return {
+        "handler_cancellation": True,  # a client that hangs up cancels its handler, so its request is skipped
+        "keepalive_timeout": server.keepalive_timeout_s,
+        "max_line_size": server.max_header_bytes,
+        "max_field_size": server.max_header_bytes,
+        "max_headers": server.max_header_count,
+    }
 
 
 class MalformedRequestFilter(logging.Filter):

@@ -35,6 +35,14 @@ class ServerSettings:
     A short backlog drops connection attempts in bursts, which clients see as 1 s stalls."""
     client_max_size_bytes: int = 1024 * 1024
     """Largest request body accepted; bigger bodies get 413 before they are parsed."""
+    keepalive_timeout_s: float = 75.0
+    """An idle connection (none of its requests in progress) is closed after this long,
+    including one that never sends a request. Longer than common proxies' idle timeouts
+    (60 s), so a proxy in front closes first; aiohttp's own default is an hour."""
+    max_header_bytes: int = 8190
+    """Longest request line and longest header field; longer gets 400 and a closed connection."""
+    max_header_count: int = 128
+    """Most header fields in a request; more gets 400 and a closed connection."""
     max_batch_items: int = 64
     """Most items one `POST /predict/batch` may carry; more get 413."""
     body_read_timeout_s: float = 10.0
@@ -68,6 +76,9 @@ class ServerSettings:
         _check_range("server.backlog", self.backlog, 1, 65535)
         _check_range("server.client_max_size_bytes", self.client_max_size_bytes, 1024, 1 << 30)
         _check_range("server.max_batch_items", self.max_batch_items, 1, 100_000)
+        _check_range("server.keepalive_timeout_s", self.keepalive_timeout_s, 0.1, 86_400)
+        _check_range("server.max_header_bytes", self.max_header_bytes, 256, 1 << 20)
+        _check_range("server.max_header_count", self.max_header_count, 8, 10_000)
         _check_range("server.shutdown_timeout_s", self.shutdown_timeout_s, 0, 3600)
         _check_range("server.body_read_timeout_s", self.body_read_timeout_s, 0.01, 3600)
         _check_range("server.metrics_port", self.metrics_port, 0, 65535)

@@ -111,17 +111,45 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--concurrency", type=int, default=64, help="closed loop: clients (default: %(default)s)")
     load.add_argument("--rate", type=float, help="open loop: requests per second")
     load.add_argument("--sweep", help="concurrency=1,4,16,64 or rate=100,200,400: one step per value")
-    run.add_argument("--arrival", choices=["poisson", "constant"], default="poisson", help="open-loop arrivals")
-    run.add_argument("--slo-p99-ms", type=float, help="stop a sweep at the first step whose p99 breaks this")
+    run.add_argument(
+        "--arrival",
+        choices=["poisson", "constant"],
+        default="poisson",
+        help="open-loop arrivals: Poisson (exponential gaps) or evenly spaced (default: %(default)s)",
+    )
+    run.add_argument(
+        "--slo-p99-ms",
+        type=float,
+        help="stop a sweep at the first step whose p99 (ms) breaks this, and report the highest step that held it",
+    )
     run.add_argument("--duration", type=float, default=10, help="measured seconds per step (default: %(default)s)")
-    run.add_argument("--warmup", type=float, default=2, help="unmeasured seconds before each step")
-    run.add_argument("--seed", type=int, default=1, help="corpus order and arrival times")
+    run.add_argument(
+        "--warmup", type=float, default=2, help="unmeasured seconds before each step (default: %(default)s)"
+    )
+    run.add_argument(
+        "--seed",
+        type=int,
+        default=1,
+        help="random seed for the corpus order and the arrival times (default: %(default)s)",
+    )
     run.add_argument(
         "--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL of {turns: [...]} (default: test split)"
     )
-    run.add_argument("--endpoint", choices=["predict", "batch"], default="predict", help="/predict or /predict/batch")
-    run.add_argument("--batch-items", type=int, default=8, help="items per /predict/batch request")
-    run.add_argument("--timeout", type=float, default=30, help="per-request timeout in seconds")
+    run.add_argument(
+        "--endpoint",
+        choices=["predict", "batch"],
+        default="predict",
+        help="/predict or /predict/batch (default: %(default)s)",
+    )
+    run.add_argument(
+        "--batch-items", type=int, default=8, help="items per /predict/batch request (default: %(default)s)"
+    )
+    run.add_argument(
+        "--timeout",
+        type=float,
+        default=30,
+        help="per-request timeout in seconds; counted as `timeout` (default: %(default)s)",
+    )
     run.add_argument("--out", type=Path, help="write JSON, CSV and PNG plots here (default: loadtest/results/<time>)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     classic = commands.add_parser("classic", help="the old test script: one request, 20 runs per case, 10 concurrent")

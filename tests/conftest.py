@@ -13,10 +13,10 @@ import pytest
 from aiohttp.test_utils import TestClient
 from aiohttp.web import Application
 
-from batcher.application import create_app
-from batcher.config import Settings, load_settings
+from batcher.application import create_app, server_options
+from batcher.config import ModelSettings, Settings, load_settings
 from batcher.metrics import Metrics
-from batcher.model import Model
+from batcher.model import Model, OnnxModel, load_bundle
 from tests.tiny_model import LABELS, build_bundle
 
 MakeSettings = Callable[..., Settings]
@@ -38,10 +38,13 @@ def make_settings(tiny_bundle: Path) -> MakeSettings:
 
 
 @pytest.fixture
-def make_client(aiohttp_client: Any, make_settings: MakeSettings) -> MakeClient:
+def make_client(aiohttp_server: Any, aiohttp_client: Any, make_settings: MakeSettings) -> MakeClient:
     async def make(*overrides: str, model: Model | None = None, metrics: Metrics | None = None) -> Any:
-        app = create_app(make_settings(*overrides), model=model, metrics=metrics or Metrics(process=False))
-        return await aiohttp_client(app, server_kwargs={"handler_cancellation": True})
+        settings = make_settings(*overrides)
+        app = create_app(settings, model=model, metrics=metrics or Metrics(process=False))
+        # The connection options app.py gives its runner (TestServer sets handler_cancellation itself).
+        options = {key: value for key, value in server_options(settings).items() if key != "handler_cancellation"}
+        return await aiohttp_client(await aiohttp_server(app, **options))
 
     return make
 
@@ -79,6 +82,39 @@ class FakeModel:
     @property
     def rows(self) -> int:
         return sum(self.batches)
+
+
+class FaultInjector:
+    """The real model behind the Model protocol, with test-only faults: while `hold` is clear a
+    run blocks (a hang), and the next `fail_next` runs raise. Records (rows, failed) per run."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.provider = model.provider
+        self.hold = threading.Event()
+        self.hold.set()
+        self.running = threading.Event()
+        """Set once a run has started (and is perhaps held)."""
+        self.fail_next = 0
+        self.runs: list[tuple[int, bool]] = []
+        self._lock = threading.Lock()
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        self.running.set()
+        self.hold.wait(timeout=10)
+        with self._lock:
+            failed = self.fail_next > 0
+            self.fail_next -= failed
+            self.runs.append((len(input_ids), failed))
+        if failed:
+            raise RuntimeError("injected model fault")
+        return self.model.run(input_ids, attention_mask, token_type_ids)
+
+
+@pytest.fixture
+def real_model(tiny_bundle: Path) -> FaultInjector:
+    """The tiny bundle's real ONNX session, behind the fault injector (no fault armed)."""
+    return FaultInjector(OnnxModel(load_bundle(tiny_bundle, "model.onnx"), ModelSettings(intra_op_threads=1)))
 
 
 @pytest.fixture

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -243,3 +245,59 @@ async def test_oversized_headers_and_idle_connections(server: str) -> None:
     finally:
         for _, idle_writer in idle:
             idle_writer.close()
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.fixture
+def open_files(request: pytest.FixtureRequest) -> Iterator[int]:
+    """Raise this process's soft open-file limit for a test that holds many sockets."""
+    wanted = int(request.param)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < wanted:
+        pytest.skip(f"the hard open-file limit ({hard}) is below the {wanted} this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, wanted), hard))
+    yield wanted
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("open_files", [2500], indirect=True)
+def test_thousands_of_idle_connections_are_served_around_then_closed(tiny_bundle: Path, open_files: int) -> None:
+    process, url = start(tiny_bundle, "server.keepalive_timeout_s=2")
+    wait_ready(process, url)
+    port = int(url.rsplit(":", 1)[1])
+    rss_before = rss_mib(process.pid)
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2000)]
+    try:
+        for sock in idle[:1000]:  # half make one keep-alive request first, half never send a byte
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        for sock in idle[:1000]:
+            assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+        # With 2,000 idle connections open, a new client is served at once.
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+            body = '{"turns": [{"text": "播放周杰伦的歌"}]}'.encode()
+            client.sendall(
+                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            assert client.recv(4096).startswith(b"HTTP/1.1 200")
+        assert time.monotonic() - started < 1.0
+        assert rss_mib(process.pid) - rss_before < 150  # buffers per idle connection stay small
+        # Past keepalive_timeout_s the server closes every one of them, used or not.
+        deadline = time.monotonic() + 10
+        for sock in idle:
+            sock.settimeout(max(0.1, deadline - time.monotonic()))
+            with contextlib.suppress(ConnectionResetError):  # a reset is a close too
+                assert sock.recv(4096) == b""
+    finally:
+        for sock in idle:
+            sock.close()
+    process.send_signal(signal.SIGTERM)
+    assert finish(process, 20)[0] == 0

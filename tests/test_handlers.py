@@ -1,5 +1,6 @@
 """Handlers against a real aiohttp server on loopback with the tiny real ONNX model.
-Tests about queue timing (429, 504, 500) use FakeModel and say so."""
+Tests about queue timing (429, the 504 deadline) use FakeModel and say so; model faults and
+hangs are injected around the real model (FaultInjector)."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from batcher.metrics import Metrics
 from batcher.model import OnnxModel, load_bundle
 from batcher.schemas import BatchPredictResponse, ErrorResponse, PredictResponse
 from batcher.tokenization import TextEncoder
-from tests.conftest import FakeModel, MakeClient
+from tests.conftest import FakeModel, FaultInjector, MakeClient
 from tests.tiny_model import LABELS
 
 ONE = {"turns": [{"speaker": "user", "text": "我们有空一起去看风景好不好"}]}
@@ -240,15 +241,27 @@ async def test_deadline_is_504(make_client: MakeClient) -> None:
     model.gate.set()
 
 
-async def test_model_failure_is_500_then_recovers(make_client: MakeClient) -> None:
-    # FakeModel: a test-only fault; the real model never fails on valid input.
-    model = FakeModel()
-    client = await make_client(model=model)
-    model.armed = True
-    model.fail_next = 1
-    await expect_error(await client.post("/predict", json=ONE), 500, "model_error")
-    assert (await client.get("/readyz")).status == 503
-    assert (await client.post("/predict", json=ONE)).status == 200
+async def test_model_fault_fails_only_its_batch_then_recovers(
+    make_client: MakeClient, real_model: FaultInjector, tiny_bundle: Path
+) -> None:
+    client = await make_client("batching.instances=1", "batching.max_batch_size=4", model=real_model)
+    real_model.running.clear()
+    real_model.hold.clear()
+    real_model.fail_next = 1
+    first = asyncio.ensure_future(client.post("/predict", json=ONE))
+    assert await asyncio.get_running_loop().run_in_executor(None, real_model.running.wait, 5)
+    texts = ["播放周杰伦的歌", "明天北京天气怎么样", "把客厅的灯关掉"]
+    later = [asyncio.ensure_future(client.post("/predict", json=turns(text))) for text in texts]
+    await asyncio.sleep(0.2)  # queued behind the held run
+    real_model.hold.set()
+    await expect_error(await first, 500, "model_error")
+    assert (await client.get("/readyz")).status == 503  # the last run failed
+    for text, response in zip(texts, await asyncio.gather(*later), strict=True):
+        assert response.status == 200
+        body = await response.json()
+        assert body["intent_id"] == int(direct_prediction(tiny_bundle, turns(text)).argmax())
+        assert body["timing"]["batch_size"] == 3
+    assert real_model.runs[-2:] == [(1, True), (3, False)]
     assert (await client.get("/readyz")).status == 200
 
 
@@ -370,16 +383,45 @@ async def test_cors_answers_preflights_for_allowed_origins_only(make_client: Mak
     assert other.status == 200 and "Access-Control-Allow-Origin" not in other.headers
 
 
-async def test_hung_model_answers_504_and_reports_not_ready(make_client: MakeClient) -> None:
-    # FakeModel: a test-only hang; the watchdog is the request deadline.
-    model = FakeModel()
-    client = await make_client("batching.request_timeout_ms=200", model=model)
-    model.armed = True
-    model.gate.clear()
+async def raw_exchange(port: int, request: bytes) -> bytes:
+    """Send raw bytes; the answer's status line, once the server has closed the connection
+    (a server that keeps it open fails the test by timing out)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(request)
+        async with asyncio.timeout(2):
+            status = await reader.readline()
+            await reader.read()  # to EOF
+        return status
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [((), b"400"), (("server.max_header_bytes=16384", "server.max_header_count=300"), b"200")],
+)
+async def test_oversized_headers_are_400_and_closed_unless_allowed(
+    make_client: MakeClient, overrides: tuple[str, ...], expected: bytes
+) -> None:
+    client = await make_client(*overrides)
+    port = client.server.port
+    assert port is not None
+    long_field = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\nConnection: close\r\n\r\n"
+    many = b"".join(b"X-%d: v\r\n" % index for index in range(200))
+    many_fields = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"Connection: close\r\n\r\n"
+    for request in (long_field, many_fields):
+        assert (await raw_exchange(port, request)).split()[1] == expected
+    assert (await client.post("/predict", json=ONE)).status == 200
+
+
+async def test_hung_model_answers_504_and_reports_not_ready(make_client: MakeClient, real_model: FaultInjector) -> None:
+    client = await make_client("batching.request_timeout_ms=200", model=real_model)
+    real_model.hold.clear()  # the run hangs; the watchdog is the request deadline
     await expect_error(await client.post("/predict", json=ONE), 504, "deadline_exceeded")
     await asyncio.sleep(0.1)
     await expect_error(await client.get("/readyz"), 503, "not_ready")
-    model.gate.set()
+    real_model.hold.set()
     await asyncio.sleep(0.1)
     assert (await client.get("/readyz")).status == 200
     assert (await client.post("/predict", json=ONE)).status == 200
