@@ -6,7 +6,8 @@ One run, one machine, one corpus, one client, servers one at a time:
 2. batcher with its defaults; 3. batcher with batching.max_batch_size=1;
 4. the old design (loadtest/baselines/naive_server.py) padded to 128, and padded to each
    request's own length;
-5. a tuning sweep over max_batch_size x max_wait_ms.
+5. a tuning sweep over max_batch_size x max_wait_ms;
+6. where the time goes: py-spy attached to batcher (defaults) through a 64-client step.
 Each server gets a closed-loop step at 64 clients and an open-loop sweep; batcher also a
 closed-loop step at 1 client. Figures are written with the machine, command and date.
 """
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -34,6 +36,7 @@ import numpy as np
 import uvloop
 
 from batcher.config import load_settings
+from loadtest import profile
 from loadtest.__main__ import highest_within_slo, run_steps
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Load
@@ -233,6 +236,28 @@ async def measure_server(server: Server, corpus: Corpus, args: argparse.Namespac
     return result
 
 
+async def profile_batcher(corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
+    """A separate 64-client step against batcher (defaults) with py-spy attached: where the
+    event loop's time goes. Its throughput is not used elsewhere (sampling costs a little)."""
+    common: dict[str, Any] = {"corpus": corpus, "seed": args.seed, "progress": not args.quiet}
+    with batcher_server("batcher (defaults), profiled") as server:
+        assert server.process is not None
+        await run_steps(server.url, [Load("closed", 64)], duration_s=args.warmup, warmup_s=0, **common)
+        with tempfile.TemporaryDirectory() as scratch:
+            raw = Path(scratch) / "py-spy.txt"
+            try:
+                spy = profile.start(server.process.pid, args.duration, raw)
+            except FileNotFoundError as exc:
+                return {"skipped": str(exc)}
+            load = [Load("closed", 64)]
+            step = (await run_steps(server.url, load, duration_s=args.duration, warmup_s=0, **common))[0]
+            _, error = spy.communicate(timeout=60)
+            if spy.returncode != 0 or not raw.exists():
+                return {"skipped": f"py-spy failed: {error.decode(errors='replace').strip()[-300:]}"}
+            summary = profile.summarize(raw.read_text(), args.duration)
+    return {"step": step, **summary}
+
+
 async def tuning(corpus: Corpus, args: argparse.Namespace, rate: float) -> list[dict[str, Any]]:
     """Thread layouts at the default batching settings, then max_batch_size x max_wait_ms at the
     default layout; each config a fresh server, a 64-client step and an open-loop step at `rate`."""
@@ -315,6 +340,8 @@ async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
         with server:
             servers[server.name] = await measure_server(server, corpus, args)
     results["servers"] = servers
+    print("== batcher (defaults) under py-spy", file=sys.stderr)
+    results["profile"] = await profile_batcher(corpus, args)
     if not args.skip_tuning:
         rate = round(servers["batcher (defaults)"]["closed64"]["throughput_rps"] / 2, 1)
         results["tuning_rate"] = rate

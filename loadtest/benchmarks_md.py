@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +105,8 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
             if r["layout"] == layout and r["ordering"] == ordering
         ]
         lines.append(f"| {layout} | {ordering} | " + " | ".join(cells) + " |")
+    lines += _budget_lines(rps, best["sequences_per_s"], batcher64)
+    lines += _profile_lines(results.get("profile"))
     lone = results["lone_client"]
     rounds = len(lone[BATCHER]["step_medians_ms"])
     lines += ["", "## One client (closed loop): what batching costs a lone client", ""]
@@ -173,6 +176,55 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         lines.append("")
     lines += ["Raw figures: `bench/results.json`.", ""]
     return "\n".join(lines)
+
+
+def _budget_lines(rps: dict[str, float], ceiling: float, batcher64: dict[str, Any]) -> list[str]:
+    """Why a target can be out of reach, from this run's own figures."""
+    cores = os.cpu_count() or 1
+    loop_us = batcher64["server"].get("event_loop_cpu_us_per_request") or 0.0
+    loop_cores = loop_us * rps[BATCHER] / 1e6
+    client = batcher64["client_cpu_share"]
+    bound = ceiling / cores * (cores - loop_cores - client)
+    lines = [
+        "",
+        "What bounds these ratios on this machine: at 64 clients batcher's event loop used "
+        f"{loop_cores:.0%} of a core ({loop_us} µs a request) and the load generator {client:.0%}; the "
+        f"{cores - loop_cores - client:.2f} cores left for the model, at the ceiling's {ceiling / cores:.0f} "
+        f"sequences/s per core, allow at most about {bound:.0f} req/s = {bound / ceiling:.2f}× the ceiling.",
+    ]
+    if 12 * rps[NAIVE_MAX] > ceiling:
+        lines[-1] += (
+            f" 12× the naive server padded to 128 would be {12 * rps[NAIVE_MAX]:.0f} req/s, more than the "
+            f"model can compute in-process ({ceiling:.0f} sequences/s), so that target cannot be met here."
+        )
+    return lines
+
+
+def _profile_lines(profile: dict[str, Any] | None) -> list[str]:
+    if not profile:
+        return []
+    lines = ["", "## Where the time goes (py-spy)", ""]
+    if "skipped" in profile:
+        return [*lines, f"Not profiled in this run: {profile['skipped']}"]
+    step = profile["step"]
+    loop_us = step["server"].get("event_loop_cpu_us_per_request") or 0.0
+    lines += [
+        f"py-spy sampled batcher (defaults) at {profile['rate_hz']} Hz, non-blocking, through a separate "
+        f"{profile['seconds']:g} s step at 64 clients ({step['throughput_rps']:.0f} req/s while sampled). "
+        f"Busy, as a share of one core: event loop {profile['loop_busy']:.0%}, model threads "
+        f"{profile['model_threads_busy']:.0%} (two of them: 200 % at most), other threads "
+        f"{profile['other_threads_busy']:.0%}. The loop's samples by part of the request path; µs per request "
+        f"apportion the loop CPU measured from /proc in that step ({loop_us} µs):",
+        "",
+        "| event loop: part | share of samples | ≈ µs per request |",
+        "|---|---|---|",
+    ]
+    for part in profile["loop_parts"]:
+        lines.append(f"| {part['part']} | {part['share']:.1%} | {part['share'] * loop_us:.0f} |")
+    lines += ["", "| model threads: part | share of samples |", "|---|---|"]
+    for part in profile["model_parts"]:
+        lines.append(f"| {part['part']} | {part['share']:.1%} |")
+    return lines
 
 
 def _pct(value: object) -> str:
