@@ -86,7 +86,8 @@ class FakeModel:
 
 class FaultInjector:
     """The real model behind the Model protocol, with test-only faults: while `hold` is clear a
-    run blocks (a hang), and the next `fail_next` runs raise. Records (rows, failed) per run."""
+    run blocks (a hang), while `stepping` each run waits for a step, and the next `fail_next`
+    runs raise. Records (rows, failed) per run."""
 
     def __init__(self, model: Model) -> None:
         self.model = model
@@ -95,6 +96,9 @@ class FaultInjector:
         self.hold.set()
         self.running = threading.Event()
         """Set once a run has started (and is perhaps held)."""
+        self.stepping = False
+        self.steps = threading.Semaphore(0)
+        """While stepping, each run waits for one release() of this."""
         self.fail_next = 0
         self.runs: list[tuple[int, bool]] = []
         self._lock = threading.Lock()
@@ -102,6 +106,8 @@ class FaultInjector:
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         self.running.set()
         self.hold.wait(timeout=10)
+        if self.stepping:
+            self.steps.acquire(timeout=10)
         with self._lock:
             failed = self.fail_next > 0
             self.fail_next -= failed

@@ -246,16 +246,17 @@ async def test_model_fault_fails_only_its_batch_then_recovers(
 ) -> None:
     client = await make_client("batching.instances=1", "batching.max_batch_size=4", model=real_model)
     real_model.running.clear()
-    real_model.hold.clear()
+    real_model.stepping = True
     real_model.fail_next = 1
     first = asyncio.ensure_future(client.post("/predict", json=ONE))
     assert await asyncio.get_running_loop().run_in_executor(None, real_model.running.wait, 5)
     texts = ["播放周杰伦的歌", "明天北京天气怎么样", "把客厅的灯关掉"]
     later = [asyncio.ensure_future(client.post("/predict", json=turns(text))) for text in texts]
     await asyncio.sleep(0.2)  # queued behind the held run
-    real_model.hold.set()
+    real_model.steps.release()  # the first run goes on, and fails
     await expect_error(await first, 500, "model_error")
     assert (await client.get("/readyz")).status == 503  # the last run failed
+    real_model.steps.release()  # the next batch runs
     for text, response in zip(texts, await asyncio.gather(*later), strict=True):
         assert response.status == 200
         body = await response.json()
