@@ -271,9 +271,9 @@ def main() -> None:
     print("fault, hostile-input and shutdown tests…", file=sys.stderr)
     results["tests"] = [
         pytest_outcome(
-            ["tests/test_handlers.py", "-k", "failure or hung or hostile or slow_body or oversized or bad_"]
+            ["tests/test_handlers.py", "-k", "fault or hung or hostile or slow_body or oversized or bad_ or cors"]
         ),
-        pytest_outcome(["tests/test_app.py", "-k", "sigterm"]),
+        pytest_outcome(["tests/test_app.py", "-k", "sigterm or idle_connections"]),
         pytest_outcome(["tests/test_batching.py", "tests/test_queue.py", "tests/test_dialogue.py"]),
     ]
     if args.fuzz_examples:
