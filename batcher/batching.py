@@ -171,14 +171,11 @@ class Batcher:
         if not self.alive:
             self._metrics.rejected.labels("not_ready").inc()
             raise NotReady("the batcher is not running")
+        self.check_admission()
         loop = asyncio.get_running_loop()
         now = loop.time()
         entry = Pending(encoded, now, now + self._timeout_s, loop.create_future(), time.perf_counter())
-        try:
-            self._queue.push(entry)
-        except QueueFull:
-            self._metrics.rejected.labels("queue_full").inc()
-            raise
+        self._queue.push(entry)  # fits: checked just above, on this same thread
         entry.timer = loop.call_at(entry.deadline, self._expire, entry)
         gap = entry.admitted - self._last_arrival
         self._last_arrival = entry.admitted

@@ -307,6 +307,7 @@ def header(args: argparse.Namespace, corpus: Corpus) -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "cores": os.cpu_count() or 1,
         "command": "make bench  # python -m loadtest.bench " + shlex.join(sys.argv[1:]),
         "commit": subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +104,7 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
             if r["layout"] == layout and r["ordering"] == ordering
         ]
         lines.append(f"| {layout} | {ordering} | " + " | ".join(cells) + " |")
-    lines += _budget_lines(rps, best["sequences_per_s"], batcher64)
+    lines += _budget_lines(rps, best["sequences_per_s"], batcher64, results["cores"])
     lines += _profile_lines(results.get("profile"))
     lone = results["lone_client"]
     rounds = len(lone[BATCHER]["step_medians_ms"])
@@ -178,9 +177,8 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def _budget_lines(rps: dict[str, float], ceiling: float, batcher64: dict[str, Any]) -> list[str]:
-    """Why a target can be out of reach, from this run's own figures."""
-    cores = os.cpu_count() or 1
+def _budget_lines(rps: dict[str, float], ceiling: float, batcher64: dict[str, Any], cores: int) -> list[str]:
+    """Why a target can be out of reach, from this run's own figures (`cores`: the run's machine)."""
     loop_us = batcher64["server"].get("event_loop_cpu_us_per_request") or 0.0
     loop_cores = loop_us * rps[BATCHER] / 1e6
     client = batcher64["client_cpu_share"]

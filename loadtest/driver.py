@@ -116,13 +116,8 @@ class StepResult:
             "max_ms": round(self.latency.get_max_value() / 1000, 3) if self.latency.get_total_count() else None,
             "mean_ms": round(self.latency.get_mean_value() / 1000, 3) if self.latency.get_total_count() else None,
             "statuses": dict(sorted(self.statuses.items())),
-            "p99_ms_by_status": {
-                status: round(h.get_value_at_percentile(99) / 1000, 3) for status, h in sorted(self.by_status.items())
-            },
-            "p99_ms_by_status_from_send": {
-                status: round(h.get_value_at_percentile(99) / 1000, 3)
-                for status, h in sorted(self.by_status_from_send.items())
-            },
+            "p99_ms_by_status": _p99_ms(self.by_status),
+            "p99_ms_by_status_from_send": _p99_ms(self.by_status_from_send),
             "late": self.late,
             "unsent": self.unsent,
             "client_cpu_share": round(self.client_cpu_s / self.duration_s, 3),
@@ -238,6 +233,10 @@ class Driver:
                 f"p99={result.percentile_ms(99):.1f}ms"
             )
             print(("\r" if interactive else "") + line, end="" if interactive else "\n", file=sys.stderr, flush=True)
+
+
+def _p99_ms(histograms: dict[str, HdrHistogram]) -> dict[str, float]:
+    return {status: round(h.get_value_at_percentile(99) / 1000, 3) for status, h in sorted(histograms.items())}
 
 
 def _micros(seconds: float) -> int:
