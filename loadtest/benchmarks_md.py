@@ -190,14 +190,15 @@ def _budget_lines(rps: dict[str, float], ceiling: float, batcher64: dict[str, An
         f"{cores - loop_cores - client:.2f} cores left for the model, at the ceiling's {ceiling / cores:.0f} "
         f"sequences/s per core, allow at most about {bound:.0f} req/s = {bound / ceiling:.2f}× the ceiling.",
     ]
-    twelve = 12 * rps[NAIVE_MAX]
-    if twelve > bound:
-        beyond = (
-            f"more than the model can compute in-process ({ceiling:.0f} sequences/s)"
-            if twelve > ceiling
-            else f"more than the CPU left for the model allows (about {bound:.0f} req/s)"
-        )
-        lines[-1] += f" 12× the naive server padded to 128 would be {twelve:.0f} req/s, {beyond}."
+    for factor, baseline, label in ((12, NAIVE_MAX, "padded to 128"), (2.2, NAIVE_DYNAMIC, "with dynamic padding")):
+        needed = factor * rps[baseline]
+        if needed > bound:
+            beyond = (
+                f"more than the model can compute in-process ({ceiling:.0f} sequences/s)"
+                if needed > ceiling
+                else f"more than the CPU left for the model allows (about {bound:.0f} req/s)"
+            )
+            lines[-1] += f" {factor:g}× the naive server {label} would be {needed:.0f} req/s, {beyond}."
     return lines
 
 
