@@ -85,8 +85,15 @@ def pad_batch(rows: Sequence[Encoded], pad_id: int) -> tuple[np.ndarray, np.ndar
     return ids, mask, types
 
 
-def _lower_priority(nice: int) -> None:
-    """Worker-thread initializer: on Linux a thread id works as a process id for setpriority."""
+def _lower_priority(sched_idle: bool, nice: int) -> None:
+    """Worker-thread initializer (Linux): SCHED_IDLE, or else a niceness. Both apply to the
+    calling thread only (Linux schedules threads; a thread id works as a process id)."""
+    if sched_idle and hasattr(os, "sched_setscheduler"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except OSError:
+            log.warning("cannot put the model threads under SCHED_IDLE; falling back to niceness %d", nice)
     if nice and hasattr(os, "setpriority"):
         try:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
@@ -117,7 +124,7 @@ class Batcher:
             max_workers=settings.instances,
             thread_name_prefix="model",
             initializer=_lower_priority,
-            initargs=(settings.worker_nice,),
+            initargs=(settings.worker_sched_idle, settings.worker_nice),
         )
         self._max_wait_s = settings.max_wait_ms / 1000
         self._timeout_s = settings.request_timeout_ms / 1000

@@ -146,11 +146,16 @@ class BatchingSettings:
     request_timeout_ms: float = 10_000.0
     """Deadline from admission to answer; a request still queued then gets 504 and is
     never computed."""
+    worker_sched_idle: bool = True
+    """Run the model's worker threads under Linux's SCHED_IDLE policy: any other runnable
+    thread, the event loop first, takes a core from them at once. In a 3x overload here it
+    cut the loop's run-queue wait from ~160 to ~25 ms per second and the 429s' p99 from
+    ~8 to ~4 ms, and 64 clients got ~5 % more throughput (side by side, RELIABILITY.md).
+    The price: the model only gets the CPU that no normal-priority process wants, so on a
+    machine shared with other busy work set this to false and use `worker_nice`."""
     worker_nice: int = 5
-    """Niceness added to the model's worker threads (Linux), so the event loop is scheduled
-    first when the cores are busy: refusals and answers stay fast under overload. 19 gave
-    the 429s a ~30 % lower p99 in a 3x overload here (6-7 ms vs 8-11 ms, same throughput),
-    but then the model runs only in the gaps of any other busy process on the same cores."""
+    """Niceness added to the model's worker threads when `worker_sched_idle` is false (or
+    the policy is refused), so the event loop is still scheduled first."""
     instances: int = 2
     """Model runs that may be in flight at once (worker threads sharing one session).
     Two single-threaded runs use 2 cores better than one two-threaded run (BENCHMARKS.md)."""

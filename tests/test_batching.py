@@ -4,6 +4,8 @@ fail) because the point is when batches form, not what the model says."""
 from __future__ import annotations
 
 import asyncio
+import os
+import threading
 import time
 
 import numpy as np
@@ -229,3 +231,35 @@ async def test_a_fast_lone_client_stops_paying_for_waits() -> None:
     assert sorted(latencies)[20] < 0.01  # median: no 40 ms wait
     assert sum(latency > 0.03 for latency in latencies) <= 10  # a few waits early, and rare probes
     await batcher.close(1)
+
+
+class PolicyProbe(FakeModel):
+    """Records the scheduling policy and niceness of the thread each run executes on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        self.seen.append((os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))
+        return super().run(input_ids, attention_mask, token_type_ids)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux-only")
+async def test_model_threads_run_under_sched_idle_and_the_loop_does_not() -> None:
+    model = PolicyProbe()
+    batcher, _ = make_batcher(model)
+    await batcher.submit(row(3))
+    await batcher.close(1)
+    assert model.seen and all(policy == os.SCHED_IDLE for policy, _ in model.seen)
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the loop's thread is left alone
+
+
+@pytest.mark.skipif(not hasattr(os, "setpriority"), reason="niceness per thread is Linux-only")
+async def test_without_sched_idle_the_model_threads_are_niced() -> None:
+    model = PolicyProbe()
+    batcher, _ = make_batcher(model, worker_sched_idle=False, worker_nice=7)
+    await batcher.submit(row(3))
+    await batcher.close(1)
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert model.seen and all(policy == os.SCHED_OTHER and nice == min(19, base + 7) for policy, nice in model.seen)
