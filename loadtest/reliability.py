@@ -5,6 +5,7 @@ Every step drives a real batcher (app.py, bundled model, defaults) over loopback
 - overload: open loop at 3 x the measured maximum throughput; then recovery;
 - disconnect storm: clients that send and hang up, beside normal clients;
 - shutdown under load: SIGTERM during a 3 x overload;
+- the model threads' scheduling policy (SCHED_IDLE vs nice 5) side by side under that overload;
 - soak: 70 % of the maximum for 10 minutes, RSS and p99 per minute;
 - the fault, hostile-input and shutdown tests through pytest, and a long schemathesis run.
 """
@@ -222,6 +223,44 @@ async def soak(corpus: Corpus, args: argparse.Namespace, peak: float) -> dict[st
     return {"rate": rate, "minutes": minutes}
 
 
+def run_queue_wait_s(pid: int) -> float:
+    """Seconds the process's main thread (the event loop) has spent runnable but not running."""
+    return int(Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()[1]) / 1e9
+
+
+async def scheduling(corpus: Corpus, args: argparse.Namespace, peak: float) -> list[dict[str, Any]]:
+    """The model threads' scheduling policy side by side: the same 3x overload and the same
+    64 clients against SCHED_IDLE (the default) and niceness 5 (the fallback)."""
+    rows = []
+    variants = [("SCHED_IDLE (default)", ()), ("nice 5", ("batching.worker_sched_idle=false",))]
+    for name, overrides in variants:
+        with batcher_server(name, *overrides) as server:
+            assert server.process is not None
+            throughput = await max_throughput(server.url, corpus, 8)
+            waited = run_queue_wait_s(server.process.pid)
+            spike = (
+                await run_steps(
+                    server.url,
+                    [Load("open", round(3 * peak))],
+                    corpus=corpus,
+                    duration_s=args.scheduling_s,
+                    warmup_s=2,  # steady state: the spike's onset is in the overload step
+                    timeout_s=30,
+                    progress=False,
+                )
+            )[0]
+            waited = run_queue_wait_s(server.process.pid) - waited
+        rows.append(
+            {
+                "variant": name,
+                "closed_64_rps": throughput,
+                "spike": spike,
+                "loop_run_queue_wait_ms_per_s": round(waited * 1000 / args.scheduling_s, 1),
+            }
+        )
+    return rows
+
+
 def pytest_outcome(selection: list[str]) -> dict[str, Any]:
     started = time.monotonic()
     result = subprocess.run(
@@ -253,6 +292,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results["disconnect"] = await disconnect_storm(corpus, args)
     print("shutdown under load…", file=sys.stderr)
     results["shutdown"] = await shutdown_under_load(corpus, peak)
+    if args.scheduling_s:
+        print("scheduling policy side by side…", file=sys.stderr)
+        results["scheduling"] = await scheduling(corpus, args, peak)
     if args.soak_minutes:
         print(f"soak ({args.soak_minutes} min)…", file=sys.stderr)
         results["soak"] = await soak(corpus, args, peak)
@@ -263,6 +305,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--overload-s", type=float, default=60, help="seconds of the 3x overload")
     parser.add_argument("--storm-s", type=float, default=10, help="seconds of the disconnect storm")
+    parser.add_argument(
+        "--scheduling-s", type=float, default=20, help="seconds of each overload in the scheduling comparison (0: skip)"
+    )
     parser.add_argument("--soak-minutes", type=int, default=10, help="minutes of soak at 70 %% of the maximum")
     parser.add_argument("--fuzz-examples", type=int, default=3000, help="schemathesis examples per operation")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL corpus")
