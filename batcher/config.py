@@ -149,8 +149,9 @@ class BatchingSettings:
     worker_sched_idle: bool = True
     """Run the model's worker threads under Linux's SCHED_IDLE policy: any other runnable
     thread, the event loop first, takes a core from them at once. In a 3x overload here it
-    cut the loop's run-queue wait from ~160 to ~25 ms per second and the 429s' p99 from
-    ~8 to ~4 ms, and 64 clients got ~5 % more throughput (side by side, RELIABILITY.md).
+    cut the loop's run-queue wait from ~140 to ~35 ms per second and the 429s' p99 from
+    ~8 to ~4 ms; throughput at 64 clients was the same within noise (side by side in
+    RELIABILITY.md).
     The price: the model only gets the CPU that no normal-priority process wants, so on a
     machine shared with other busy work set this to false and use `worker_nice`."""
     worker_nice: int = 5

@@ -1,0 +1,96 @@
+"""loadtest.reliability_md: each bound is judged from the run's own figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from loadtest.reliability_md import render
+
+
+def step(p99_by_status: dict[str, float], statuses: dict[str, int], rps: float = 1000.0) -> dict[str, Any]:
+    return {
+        "load": "open 3000/s",
+        "duration_s": 60,
+        "statuses": statuses,
+        "unsent": 0,
+        "late": 0,
+        "client_cpu_share": 0.2,
+        "throughput_rps": rps,
+        "p50_ms": 10.0,
+        "p99_ms": max(p99_by_status.values()),
+        "p99_ms_by_status": p99_by_status,
+        "p99_ms_by_status_from_send": {k: v - 0.5 for k, v in p99_by_status.items()},
+    }
+
+
+def results(refused_p99_ms: float, *, lost: int = 0) -> dict[str, Any]:
+    before = {"200": 100, "429": 300} | ({"timeout": lost} if lost else {})
+    return {
+        "date": "2026-11-26 04:00 UTC",
+        "machine": "test machine",
+        "command": "python -m loadtest.reliability",
+        "overload": {
+            "peak_rps": 1000.0,
+            "spike": step({"200": 400.0, "429": refused_p99_ms}, {"200": 60_000, "429": 120_000}),
+            "after": step({"200": 50.0}, {"200": 5000}, rps=1050.0),
+            "rss_start": 300 * 2**20,
+            "rss_max": 340 * 2**20,
+            "rss_end": 330 * 2**20,
+        },
+        "disconnect": {
+            "storm_sent": 10_000,
+            "normal_sent": 7000,
+            "rows_computed": 7500.0,
+            "disconnected": 9500.0,
+            "baseline": step({"200": 30.0}, {"200": 7000}),
+            "during": step({"200": 40.0}, {"200": 7000}),
+        },
+        "shutdown": {
+            "rate": 3000,
+            "before": before,
+            "after": {"503": 900, "connection_error": 12_000},
+            "drain_delay_ms": 0.4,
+            "exit_code": 0,
+            "exit_s": 0.4,
+            "tracebacks": 0,
+        },
+        "scheduling": [
+            {
+                "variant": "SCHED_IDLE (default)",
+                "closed_64_rps": 1450.0,
+                "spike": step({"200": 350.0, "429": 3.9}, {}),
+                "loop_run_queue_wait_ms_per_s": 23.0,
+            },
+            {
+                "variant": "nice 5",
+                "closed_64_rps": 1400.0,
+                "spike": step({"200": 360.0, "429": 8.1}, {}),
+                "loop_run_queue_wait_ms_per_s": 150.0,
+            },
+        ],
+        "tests": [{"selection": ["tests/test_app.py"], "exit_code": 0, "summary": "3 passed", "seconds": 9.0}],
+    }
+
+
+def bound_row(markdown: str, starts_with: str) -> str:
+    return next(line for line in markdown.splitlines() if line.startswith(starts_with))
+
+
+def test_the_429_bound_is_met_only_under_5_ms(tmp_path: Path) -> None:
+    fast = bound_row(render(results(4.9), tmp_path), "| 429s come back fast")
+    slow = bound_row(render(results(5.0), tmp_path), "| 429s come back fast")
+    assert fast.endswith("| met |") and "4.9 ms from the scheduled send time (4.4 ms" in fast
+    assert slow.endswith("| **not met** |")
+
+
+def test_a_request_lost_in_shutdown_breaks_its_bound(tmp_path: Path) -> None:
+    assert bound_row(render(results(4.0), tmp_path), "| no accepted request lost").endswith("| met |")
+    lost = bound_row(render(results(4.0, lost=1), tmp_path), "| no accepted request lost")
+    assert lost.endswith("| **not met** |") and "timeout: 1" in lost
+
+
+def test_the_scheduling_comparison_lists_both_variants(tmp_path: Path) -> None:
+    markdown = render(results(4.0), tmp_path)
+    assert "| SCHED_IDLE (default) | 1450 | 3.9 / 3.4 | 350.0 | 23.0 |" in markdown
+    assert "| nice 5 | 1400 | 8.1 / 7.6 | 360.0 | 150.0 |" in markdown
