@@ -199,6 +199,12 @@ def _budget_lines(rps: dict[str, float], ceiling: float, batcher64: dict[str, An
                 else f"more than the CPU left for the model allows (about {bound:.0f} req/s)"
             )
             lines[-1] += f" {factor:g}× the naive server {label} would be {needed:.0f} req/s, {beyond}."
+        elif rps[BATCHER] < needed:
+            lines[-1] += (
+                f" {factor:g}× the naive server {label} would be {needed:.0f} req/s, just under that bound: "
+                f"batcher reached {rps[BATCHER]:.0f} ({rps[BATCHER] / needed:.0%} of it), so this target is "
+                "not ruled out by the CPU budget here."
+            )
     return lines
 
 
