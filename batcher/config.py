@@ -153,7 +153,9 @@ class BatchingSettings:
     ~8 to ~4 ms; throughput at 64 clients was the same within noise (side by side in
     RELIABILITY.md).
     The price: the model only gets the CPU that no normal-priority process wants, so on a
-    machine shared with other busy work set this to false and use `worker_nice`."""
+    machine shared with other busy work set this to false and use `worker_nice`. Only the
+    threads that call the model get it: ONNX Runtime's own intra-op pool (when
+    `model.intra_op_threads` > 1) keeps the policy of the thread that loaded the model."""
     worker_nice: int = 5
     """Niceness added to the model's worker threads when `worker_sched_idle` is false (or
     the policy is refused), so the event loop is still scheduled first."""

@@ -94,3 +94,18 @@ def test_the_scheduling_comparison_lists_both_variants(tmp_path: Path) -> None:
     markdown = render(results(4.0), tmp_path)
     assert "| SCHED_IDLE (default) | 1450 | 3.9 / 3.4 | 350.0 | 23.0 |" in markdown
     assert "| nice 5 | 1400 | 8.1 / 7.6 | 360.0 | 150.0 |" in markdown
+
+
+def test_the_soak_reports_the_generators_cpu_per_request_as_a_gauge_of_the_machine(tmp_path: Path) -> None:
+    minutes = [
+        step({"200": p99}, {"200": 60_000}) | {"rss_bytes": 300 * 2**20, "client_cpu_share": share, "server": server}
+        for p99, share, server in (
+            (20.0, 0.08, {"event_loop_cpu_us_per_request": 250.0}),
+            (30.0, 0.10, {"event_loop_cpu_us_per_request": 300.0}),
+        )
+    ]
+    markdown = render(results(4.0) | {"soak": {"rate": 1000, "minutes": minutes}}, tmp_path)
+    assert bound_row(markdown, "| p99 of the last minute").endswith("| **not met** |")  # +50 %: the gauge explains,
+    assert "it changed by +25% (batcher's event loop, per request: +20%)" in markdown  # it does not excuse
+    assert "| 2 | 1000 | 10.0 | 30.0 | 300.0 | 300 | 100 |" in markdown
+    assert (tmp_path / "soak.png").stat().st_size > 0
