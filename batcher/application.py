@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from functools import partial
 from typing import Any
 
 import aiohttp_cors
-from aiohttp import web
+from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError
 from swagger_ui_bundle import swagger_ui_path
 
 from batcher import __version__, handlers
 from batcher.batching import Batcher
 from batcher.config import Settings
+from batcher.errors import HTTPError, InternalError, MalformedHTTP, snippet
 from batcher.handlers import OPENAPI, SERVICE, SERVICE_TITLE, TIMING_HEADERS
 from batcher.metrics import Metrics
 from batcher.middleware import REQUEST_ID, observe
@@ -36,6 +38,7 @@ WARMUP_LENGTHS = (8, 32)
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None, model: Model | None = None) -> web.Application:
     """The app; `model` replaces the bundle's ONNX session (tests of timing use a fake)."""
+    install_protocol_errors()
     app = web.Application(client_max_size=settings.server.client_max_size_bytes, middlewares=[observe])
     app[SERVICE] = Service(settings, metrics or Metrics())
     app[OPENAPI] = build_openapi(SERVICE_TITLE, __version__)
@@ -98,6 +101,40 @@ class MalformedRequestFilter(logging.Filter):
             record.msg = "malformed HTTP request answered 400: %s"
             record.args = (" ".join(str(error).split())[:200],)
         return True
+
+
+_AIOHTTP_HANDLE_ERROR = web_protocol.RequestHandler.handle_error
+# where aiohttp's reason starts quoting the input: "Got more than 8190 bytes when reading: b'aaa…"
+_ECHOED_INPUT = re.compile(r":\s*(?:b['\"]|bytearray\()")
+
+
+def _protocol_error(
+    handler: web_protocol.RequestHandler,
+    request: web.BaseRequest,
+    status: int = 500,
+    exc: BaseException | None = None,
+    message: str | None = None,
+) -> web.StreamResponse:
+    """What aiohttp answers itself, before any route or middleware runs (a malformed request
+    line or header, a header over the limits), in our error shape. aiohttp's own page is
+    plain text and echoes the whole offending line, up to server.max_header_bytes of it;
+    this keeps only the parser's reason, truncated. aiohttp has no hook for it
+    (aio-libs/aiohttp#3287), hence the override of RequestHandler.handle_error."""
+    # aiohttp's version logs, and raises when part of a response was already sent
+    _AIOHTTP_HANDLE_ERROR(handler, request, status, exc, message)
+    if status >= 500:
+        error: HTTPError = InternalError()
+    else:
+        reason = _ECHOED_INPUT.split((message or "").split("\n", 1)[0], 1)[0].strip().rstrip(":")
+        error = MalformedHTTP(f"malformed HTTP request: {snippet(reason, 80)}" if reason else None)
+    response = handlers.json_response(error.body(), status=status)
+    response.force_close()
+    return response
+
+
+def install_protocol_errors() -> None:
+    """Answer aiohttp's own protocol errors as JSON (idempotent; every listener in the process)."""
+    web_protocol.RequestHandler.handle_error = _protocol_error  # type: ignore[method-assign,assignment]
 
 
 def install_log_filters() -> None:

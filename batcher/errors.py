@@ -40,6 +40,12 @@ class InvalidJSON(HTTPError):
     default_message = "request body is not valid JSON"
 
 
+class MalformedHTTP(HTTPError):
+    status = 400
+    type = "malformed_http"
+    default_message = "the request is not valid HTTP/1.1"
+
+
 class Unauthorized(HTTPError):
     status = 401
     type = "unauthorized"

@@ -313,7 +313,11 @@ def main() -> None:
     print("fault, hostile-input and shutdown tests…", file=sys.stderr)
     results["tests"] = [
         pytest_outcome(
-            ["tests/test_handlers.py", "-k", "fault or hung or hostile or slow_body or oversized or bad_ or cors"]
+            [
+                "tests/test_handlers.py",
+                "-k",
+                "fault or hung or hostile or slow_body or oversized or malformed or bad_ or cors",
+            ]
         ),
         pytest_outcome(["tests/test_app.py", "-k", "sigterm or idle_connections"]),
         pytest_outcome(["tests/test_batching.py", "tests/test_queue.py", "tests/test_dialogue.py"]),

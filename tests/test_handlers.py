@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 from pathlib import Path
 from typing import Any
 
@@ -384,35 +385,70 @@ async def test_cors_answers_preflights_for_allowed_origins_only(make_client: Mak
     assert other.status == 200 and "Access-Control-Allow-Origin" not in other.headers
 
 
-async def raw_exchange(port: int, request: bytes) -> bytes:
-    """Send raw bytes; the answer's status line, once the server has closed the connection
-    (a server that keeps it open fails the test by timing out)."""
+async def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes; the answer's status, headers and body, once the server has closed the
+    connection (a server that keeps it open fails the test by timing out)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
         writer.write(request)
         async with asyncio.timeout(2):
-            status = await reader.readline()
-            await reader.read()  # to EOF
-        return status
+            answer = await reader.read()  # to EOF
     finally:
         writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    status_line, *fields = head.decode("latin-1").split("\r\n")
+    headers = {name.lower(): value.strip() for name, _, value in (field.partition(":") for field in fields)}
+    return int(status_line.split()[1]), headers, body
+
+
+LONG_FIELD = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\nConnection: close\r\n\r\n"
+MANY_FIELDS = (
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\n"
+    + b"".join(b"X-%d: v\r\n" % index for index in range(200))
+    + b"Connection: close\r\n\r\n"
+)
 
 
 @pytest.mark.parametrize(
     ("overrides", "expected"),
-    [((), b"400"), (("server.max_header_bytes=16384", "server.max_header_count=300"), b"200")],
+    [((), 400), (("server.max_header_bytes=16384", "server.max_header_count=300"), 200)],
 )
 async def test_oversized_headers_are_400_and_closed_unless_allowed(
-    make_client: MakeClient, overrides: tuple[str, ...], expected: bytes
+    make_client: MakeClient, overrides: tuple[str, ...], expected: int
 ) -> None:
     client = await make_client(*overrides)
     port = client.server.port
     assert port is not None
-    long_field = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\nConnection: close\r\n\r\n"
-    many = b"".join(b"X-%d: v\r\n" % index for index in range(200))
-    many_fields = b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + many + b"Connection: close\r\n\r\n"
-    for request in (long_field, many_fields):
-        assert (await raw_exchange(port, request)).split()[1] == expected
+    for request in (LONG_FIELD, MANY_FIELDS):
+        assert (await raw_exchange(port, request))[0] == expected
+    assert (await client.post("/predict", json=ONE)).status == 200
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        LONG_FIELD,
+        MANY_FIELDS,
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad: " + b"\x01" * 5000 + b"\r\n\r\n",  # control bytes
+        b"\x16\x03\x01" + b"\x00" * 300 + b"\r\n\r\n",  # TLS to a plain-HTTP port
+        b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n",
+    ],
+    ids=["long_header", "many_headers", "control_bytes", "tls_hello", "bad_content_length", "long_request_line"],
+)
+async def test_malformed_http_gets_a_short_json_400_and_the_connection_closed(
+    make_client: MakeClient, request_bytes: bytes
+) -> None:
+    """aiohttp answers these before any route or middleware; its own page echoed the whole
+    offending line (up to the header limit) as plain text."""
+    client = await make_client()
+    port = client.server.port
+    assert port is not None
+    status, headers, body = await raw_exchange(port, request_bytes)  # returns once the server closed it
+    assert status == 400 and headers["content-type"].startswith("application/json")
+    error = json.loads(body)["error"]
+    assert error["type"] == "malformed_http" and error["message"].startswith("malformed HTTP request")
+    assert len(error["message"]) <= 120 and "aaaa" not in error["message"]  # a short reason, never the input
     assert (await client.post("/predict", json=ONE)).status == 200
 
 
