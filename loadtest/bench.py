@@ -303,15 +303,19 @@ def machine() -> str:
     return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, no GPU, Python {platform.python_version()}"
 
 
+def commit() -> str:
+    """The checked-out commit, short form (empty outside a git checkout)."""
+    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return found.stdout.strip()
+
+
 def header(args: argparse.Namespace, corpus: Corpus) -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
         "cores": os.cpu_count() or 1,
         "command": "make bench  # python -m loadtest.bench " + shlex.join(sys.argv[1:]),
-        "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": commit(),
         "defaults": {
             key: value
             for key, value in load_settings(ROOT / "config.toml", env={}).describe().items()

@@ -29,7 +29,7 @@ import aiohttp
 import uvloop
 
 from loadtest.__main__ import run_steps
-from loadtest.bench import ROOT, batcher_server, machine
+from loadtest.bench import ROOT, batcher_server, commit, machine
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Driver, Load
 from loadtest.http import HttpClient
@@ -280,6 +280,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "commit": commit(),
         "command": "python -m loadtest.reliability " + " ".join(sys.argv[1:]),
     }
     print("overload…", file=sys.stderr)

@@ -65,7 +65,8 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
     lines = [
         "# Reliability",
         "",
-        f"Measured on {results['date']} on {results['machine']}, by one run of `make reliability` "
+        f"Measured on {results['date']}, commit `{results.get('commit') or 'unknown'}`, on {results['machine']}, "
+        "by one run of `make reliability` "
         f"(`{results['command']}`). Server: `app.py` with the shipped `config.toml` (bundled model, defaults), "
         "on loopback; the load generator shares the same 2 cores.",
         "",
