@@ -309,13 +309,20 @@ def commit() -> str:
     return found.stdout.strip()
 
 
-def header(args: argparse.Namespace, corpus: Corpus) -> dict[str, Any]:
+def provenance() -> dict[str, str]:
+    """When, where and at which commit a run measured: the head of every figures file."""
     return {
         "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "machine": machine(),
+        "commit": commit(),
+    }
+
+
+def header(args: argparse.Namespace, corpus: Corpus) -> dict[str, Any]:
+    return {
+        **provenance(),
         "cores": os.cpu_count() or 1,
         "command": "make bench  # python -m loadtest.bench " + shlex.join(sys.argv[1:]),
-        "commit": commit(),
         "defaults": {
             key: value
             for key, value in load_settings(ROOT / "config.toml", env={}).describe().items()

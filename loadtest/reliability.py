@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import re
 import signal
@@ -29,7 +28,7 @@ import aiohttp
 import uvloop
 
 from loadtest.__main__ import run_steps
-from loadtest.bench import ROOT, batcher_server, commit, machine
+from loadtest.bench import ROOT, batcher_server, provenance
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Driver, Load
 from loadtest.http import HttpClient
@@ -61,7 +60,9 @@ async def max_throughput(url: str, corpus: Corpus, seconds: float) -> float:
     return float(row["throughput_rps"])
 
 
-async def open_loop(url: str, corpus: Corpus, rate: float, seconds: float, warmup_s: float = 0) -> dict[str, Any]:
+async def open_loop(
+    url: str, corpus: Corpus, rate: float, seconds: float, *, warmup_s: float = 0, seed: int = 1
+) -> dict[str, Any]:
     """One open-loop step at `rate` req/s; answers may take up to 30 s (queued under overload)."""
     return (
         await run_steps(
@@ -70,6 +71,7 @@ async def open_loop(url: str, corpus: Corpus, rate: float, seconds: float, warmu
             corpus=corpus,
             duration_s=seconds,
             warmup_s=warmup_s,
+            seed=seed,
             timeout_s=30,
             progress=False,
         )
@@ -207,17 +209,7 @@ async def soak(corpus: Corpus, args: argparse.Namespace, peak: float) -> dict[st
         assert server.process is not None
         async with aiohttp.ClientSession() as session:
             for minute in range(args.soak_minutes):
-                row = (
-                    await run_steps(
-                        server.url,
-                        [Load("open", rate)],
-                        corpus=corpus,
-                        duration_s=60,
-                        warmup_s=0,
-                        seed=minute + 1,
-                        progress=False,
-                    )
-                )[0]
+                row = await open_loop(server.url, corpus, rate, 60, seed=minute + 1)
                 samples = await scrape(session, server.url + "/metrics")
                 row["rss_bytes"] = samples.get(("process_resident_memory_bytes", ()), rss_bytes(server.process.pid))
                 minutes.append(row)
@@ -278,9 +270,7 @@ def pytest_outcome(selection: list[str]) -> dict[str, Any]:
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     corpus = Corpus(args.corpus, seed=1)
     results: dict[str, Any] = {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-        "commit": commit(),
+        **provenance(),
         "command": "python -m loadtest.reliability " + " ".join(sys.argv[1:]),
     }
     print("overload…", file=sys.stderr)
