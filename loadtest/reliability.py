@@ -55,9 +55,10 @@ async def sample_rss(pid: int, samples: list[tuple[float, int]], stop: asyncio.E
         await asyncio.sleep(1)
 
 
-async def max_throughput(url: str, corpus: Corpus, seconds: float) -> float:
-    row = (await run_steps(url, [Load("closed", 64)], corpus=corpus, duration_s=seconds, warmup_s=2, progress=False))[0]
-    return float(row["throughput_rps"])
+async def max_throughput(url: str, corpus: Corpus, seconds: float) -> dict[str, Any]:
+    """The 64-client closed-loop step: its throughput is "the maximum" the other steps scale."""
+    rows = await run_steps(url, [Load("closed", 64)], corpus=corpus, duration_s=seconds, warmup_s=2, progress=False)
+    return rows[0]
 
 
 async def open_loop(
@@ -81,7 +82,8 @@ async def open_loop(
 async def overload(corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
     with batcher_server("batcher (defaults)") as server:
         assert server.process is not None
-        peak = await max_throughput(server.url, corpus, 8)
+        peak_row = await max_throughput(server.url, corpus, 8)
+        peak = float(peak_row["throughput_rps"])
         samples: list[tuple[float, int]] = []
         stop = asyncio.Event()
         sampler = asyncio.ensure_future(sample_rss(server.process.pid, samples, stop))
@@ -94,6 +96,7 @@ async def overload(corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
     rss = [value for _, value in samples]
     return {
         "peak_rps": peak,
+        "peak_server": peak_row["server"],
         "spike": spike,
         "after": after,
         "rss_start": rss[0],
@@ -233,7 +236,7 @@ async def scheduling(corpus: Corpus, args: argparse.Namespace, peak: float) -> l
     for name, overrides in variants:
         with batcher_server(name, *overrides) as server:
             assert server.process is not None
-            throughput = await max_throughput(server.url, corpus, 8)
+            throughput = float((await max_throughput(server.url, corpus, 8))["throughput_rps"])
             waited, started = run_queue_wait_s(server.process.pid), time.monotonic()
             # steady state: 2 s at the rate first (the spike's onset is in the overload step)
             spike = await open_loop(server.url, corpus, round(3 * peak), args.scheduling_s, warmup_s=2)

@@ -48,6 +48,32 @@ def _loop_us(minute: dict[str, Any]) -> float:
     return float(minute["server"].get("event_loop_cpu_us_per_request") or 0.0)
 
 
+def _model_ms(server: dict[str, Any], rps: float) -> float:
+    """Model-run time per request (both instances summed; wall time, preemptions included)."""
+    return float(server.get("model_busy_share") or 0.0) / rps * 1000 if rps else 0.0
+
+
+def _against_peak(overload: dict[str, Any], minutes: list[dict[str, Any]]) -> str:
+    server = overload.get("peak_server")
+    if not server:  # runs before it was recorded
+        return ""
+    soak_ms = [_model_ms(m["server"], m["throughput_rps"]) for m in minutes]
+    return (
+        f", against {server.get('mean_batch_size') or 0:.1f} in the 64-client step that measured the maximum; "
+        f"the model took {min(soak_ms):.2f} to {max(soak_ms):.2f} ms a request here, against "
+        f"{_model_ms(server, overload['peak_rps']):.2f} ms there"
+    )
+
+
+def _batch(minute: dict[str, Any]) -> float:
+    return float(minute["server"].get("mean_batch_size") or 0.0)
+
+
+def _cores_busy(minute: dict[str, Any]) -> float:
+    """Cores the server and the load generator used together (of the machine's 2)."""
+    return float(minute["server"].get("server_cpu_share") or 0.0) + float(minute["client_cpu_share"])
+
+
 def _change(minutes: list[dict[str, Any]], per_request: Any) -> str:
     first, last = per_request(minutes[0]), per_request(minutes[-1])
     return f"{last / first - 1:+.0%}" if first else "n/a"
@@ -184,13 +210,20 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
             "how fast the shared machine itself ran: from the first minute to the last it changed by "
             f"{_change(minutes, _generator_us)} (batcher's event loop, per request: {_change(minutes, _loop_us)}).",
             "",
-            "| minute | req/s | p50 ms | p99 ms | RSS MiB | event loop CPU µs/req | generator CPU µs/req |",
-            "|---|---|---|---|---|---|---|",
+            "How close to the machine's limit this rate runs: the server and the generator kept "
+            f"{min(map(_cores_busy, minutes)):.2f} to {max(map(_cores_busy, minutes)):.2f} of the 2 cores busy, "
+            f"with batches of {min(_batch(m) for m in minutes):.1f} to {max(_batch(m) for m in minutes):.1f} "
+            f"requests on average{_against_peak(results['overload'], minutes)}.",
+            "",
+            "| minute | req/s | p50 ms | p99 ms | RSS MiB | mean batch | cores busy | event loop CPU µs/req "
+            "| generator CPU µs/req |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for index, m in enumerate(minutes, 1):
             lines.append(
                 f"| {index} | {m['throughput_rps']:.0f} | {m['p50_ms']:.1f} | {m['p99_ms']:.1f} "
-                f"| {m['rss_bytes'] / MIB:.1f} | {_loop_us(m):.0f} | {_generator_us(m):.0f} |"
+                f"| {m['rss_bytes'] / MIB:.1f} | {_batch(m):.1f} | {_cores_busy(m):.2f} | {_loop_us(m):.0f} "
+                f"| {_generator_us(m):.0f} |"
             )
         lines += ["", "![RSS and p99 over the soak](reliability/soak.png)", ""]
     lines += [

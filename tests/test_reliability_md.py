@@ -96,16 +96,25 @@ def test_the_scheduling_comparison_lists_both_variants(tmp_path: Path) -> None:
     assert "| nice 5 | 1400 | 8.1 / 7.6 | 360.0 | 150.0 |" in markdown
 
 
-def test_the_soak_reports_the_generators_cpu_per_request_as_a_gauge_of_the_machine(tmp_path: Path) -> None:
+def test_the_soak_reports_how_busy_the_machine_was_and_the_generators_cpu_as_its_gauge(tmp_path: Path) -> None:
     minutes = [
         step({"200": p99}, {"200": 60_000}) | {"rss_bytes": 300 * 2**20, "client_cpu_share": share, "server": server}
         for p99, share, server in (
-            (20.0, 0.08, {"event_loop_cpu_us_per_request": 250.0}),
-            (30.0, 0.10, {"event_loop_cpu_us_per_request": 300.0}),
+            (20.0, 0.08, {"event_loop_cpu_us_per_request": 250.0, "mean_batch_size": 3.0, "server_cpu_share": 1.6}),
+            (30.0, 0.10, {"event_loop_cpu_us_per_request": 300.0, "mean_batch_size": 4.5, "server_cpu_share": 1.7}),
         )
     ]
-    markdown = render(results(4.0) | {"soak": {"rate": 1000, "minutes": minutes}}, tmp_path)
+    for minute, busy in zip(minutes, (1.5, 1.6), strict=True):
+        minute["server"]["model_busy_share"] = busy
+    base = results(4.0)
+    older_run = render(base | {"soak": {"rate": 1000, "minutes": minutes}}, tmp_path)
+    assert "requests on average." in older_run  # no peak breakdown recorded: no comparison is made up
+    base["overload"]["peak_server"] = {"mean_batch_size": 9.5, "model_busy_share": 1.9}
+    markdown = render(base | {"soak": {"rate": 1000, "minutes": minutes}}, tmp_path)
     assert bound_row(markdown, "| p99 of the last minute").endswith("| **not met** |")  # +50 %: the gauge explains,
     assert "it changed by +25% (batcher's event loop, per request: +20%)" in markdown  # it does not excuse
-    assert "| 2 | 1000 | 10.0 | 30.0 | 300.0 | 300 | 100 |" in markdown
+    assert "| 2 | 1000 | 10.0 | 30.0 | 300.0 | 4.5 | 1.80 | 300 | 100 |" in markdown
+    assert "kept 1.68 to 1.80 of the 2 cores busy, with batches of 3.0 to 4.5 requests" in markdown
+    assert "against 9.5 in the 64-client step that measured the maximum; the model took 1.50 to 1.60 ms" in markdown
+    assert "against 1.90 ms there" in markdown  # 1.9 busy / 1000 req/s
     assert (tmp_path / "soak.png").stat().st_size > 0
