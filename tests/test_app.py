@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import hashlib
 import logging
 import os
 import resource
@@ -172,9 +173,11 @@ def test_help_text() -> None:
     assert "--set" in result.stdout and "BATCHER_" in result.stdout
 
 
-async def test_bundled_model_answers_the_guide_examples() -> None:
-    """`make run` serves models/intent-zh: the old guide's two examples get their intents."""
-    process, url = start(ROOT / "models" / "intent-zh", config=ROOT / "config.toml")
+@pytest.mark.parametrize("graph", ["model.onnx", "model.int8.onnx"])
+async def test_bundled_model_answers_the_guide_examples(graph: str) -> None:
+    """`make run` serves models/intent-zh: the old guide's two examples get their intents,
+    from the fp32 graph and from the quantized copy its tuning tip points users to."""
+    process, url = start(ROOT / "models" / "intent-zh", f'model.file="{graph}"', config=ROOT / "config.toml")
     wait_ready(process, url, timeout_s=60)
     try:
         async with aiohttp.ClientSession() as session:
@@ -186,6 +189,9 @@ async def test_bundled_model_answers_the_guide_examples() -> None:
             async with session.get(f"{url}/intents") as response:
                 names = [item["name"] for item in (await response.json())["intents"]]
             assert names[:3] == ["问题求助/技术支持", "闲聊", "天气查询"] and len(names) == 12
+            async with session.get(f"{url}/metrics") as response:
+                served = hashlib.sha256((ROOT / "models" / "intent-zh" / graph).read_bytes()).hexdigest()[:12]
+                assert f'sha256="{served}"' in await response.text()  # this graph, not the default one
     finally:
         process.send_signal(signal.SIGTERM)
         assert finish(process, 30)[0] == 0
