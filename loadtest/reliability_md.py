@@ -40,6 +40,17 @@ def _delay(shutdown: dict[str, Any]) -> str:
     return "the server's log did not give it" if delay is None else f"{delay} ms in this run"
 
 
+def _late_reads(shutdown: dict[str, Any]) -> str:
+    refused = shutdown["before"].get("503", 0)
+    if not refused:
+        return ""
+    return (
+        f" The other way round, {refused} request{'s' if refused > 1 else ''} sent just before that instant "
+        "reached the server's event loop just after it and got the 503 of a draining server: refused, not "
+        "admitted, so none was lost."
+    )
+
+
 def _generator_us(minute: dict[str, Any]) -> float:
     return float(minute["client_cpu_share"]) / float(minute["throughput_rps"]) * 1e6
 
@@ -161,7 +172,7 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         '"Before" and "after" split at the instant the server began draining, which it logs on the monotonic '
         "clock the generator also reads: the signal callback itself drops readiness and refuses admission, so "
         "nothing read after it is admitted. A request written between the generator's `kill` and that "
-        f"instant ({_delay(shutdown)}) is read before the drain and answered like any other.",
+        f"instant ({_delay(shutdown)}) is read before the drain and answered like any other.{_late_reads(shutdown)}",
         "",
     ]
     if "scheduling" in results:

@@ -90,6 +90,15 @@ def test_a_request_lost_in_shutdown_breaks_its_bound(tmp_path: Path) -> None:
     assert lost.endswith("| **not met** |") and "timeout: 1" in lost
 
 
+def test_a_503_sent_just_before_the_drain_is_an_answer_and_is_explained(tmp_path: Path) -> None:
+    run = results(4.0)
+    assert "got the 503 of a draining server" not in render(run, tmp_path)
+    run["shutdown"]["before"] = run["shutdown"]["before"] | {"503": 3}
+    markdown = render(run, tmp_path)
+    assert bound_row(markdown, "| no accepted request lost").endswith("| met |")  # refused, not admitted
+    assert "3 requests sent just before that instant reached the server's event loop just after it" in markdown
+
+
 def test_the_scheduling_comparison_lists_both_variants(tmp_path: Path) -> None:
     markdown = render(results(4.0), tmp_path)
     assert "| SCHED_IDLE (default) | 1450 | 3.9 / 3.4 | 350.0 | 23.0 |" in markdown
