@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,19 @@ def plot_soak(minutes: list[dict[str, Any]], path: Path) -> None:
 def _delay(shutdown: dict[str, Any]) -> str:
     delay = shutdown.get("drain_delay_ms")
     return "the server's log did not give it" if delay is None else f"{delay} ms in this run"
+
+
+def _trend(minutes: list[dict[str, Any]]) -> str:
+    """Whether the soak drifts (what the first-vs-last bound is after), beside how much a minute swings."""
+    p99 = [float(m["p99_ms"]) for m in minutes]
+    rss = [m["rss_bytes"] for m in minutes]
+    grew = [index for index in range(1, len(rss)) if rss[index] > rss[index - 1]]
+    slope = statistics.linear_regression(range(1, len(p99) + 1), p99).slope if len(p99) > 1 else 0.0
+    last_growth = f"RSS last grew in minute {grew[-1] + 1}" if grew else "RSS never grew after the first minute"
+    return (
+        f"Minute by minute the p99 ranged from {min(p99):.1f} to {max(p99):.1f} ms; a straight line fitted "
+        f"through all {len(p99)} minutes moves {slope:+.1f} ms a minute, and {last_growth}."
+    )
 
 
 def _late_reads(shutdown: dict[str, Any]) -> str:
@@ -220,6 +234,8 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
             "The load generator does the same work for every request all along, so its CPU per request gauges "
             "how fast the shared machine itself ran: from the first minute to the last it changed by "
             f"{_change(minutes, _generator_us)} (batcher's event loop, per request: {_change(minutes, _loop_us)}).",
+            "",
+            _trend(minutes),
             "",
             "How close to the machine's limit this rate runs: the server and the generator kept "
             f"{min(map(_cores_busy, minutes)):.2f} to {max(map(_cores_busy, minutes)):.2f} of the 2 cores busy, "

@@ -126,4 +126,6 @@ def test_the_soak_reports_how_busy_the_machine_was_and_the_generators_cpu_as_its
     assert "kept 1.68 to 1.80 of the 2 cores busy, with batches of 3.0 to 4.5 requests" in markdown
     assert "against 9.5 in the 64-client step that measured the maximum; the model took 1.50 to 1.60 ms" in markdown
     assert "against 1.90 ms there" in markdown  # 1.9 busy / 1000 req/s
+    assert "ranged from 20.0 to 30.0 ms; a straight line fitted through all 2 minutes moves +10.0 ms" in markdown
+    assert "RSS never grew after the first minute" in markdown
     assert (tmp_path / "soak.png").stat().st_size > 0
