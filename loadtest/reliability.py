@@ -55,9 +55,12 @@ async def sample_rss(pid: int, samples: list[tuple[float, int]], stop: asyncio.E
         await asyncio.sleep(1)
 
 
-async def max_throughput(url: str, corpus: Corpus, seconds: float) -> dict[str, Any]:
-    """The 64-client closed-loop step: its throughput is "the maximum" the other steps scale."""
-    rows = await run_steps(url, [Load("closed", 64)], corpus=corpus, duration_s=seconds, warmup_s=2, progress=False)
+async def closed_loop(url: str, corpus: Corpus, clients: int, seconds: float, *, warmup_s: float = 2) -> dict[str, Any]:
+    """One closed-loop step. With 64 clients its throughput is "the maximum" the other steps
+    scale (and, without warm-up, what the overload step recovers to)."""
+    rows = await run_steps(
+        url, [Load("closed", clients)], corpus=corpus, duration_s=seconds, warmup_s=warmup_s, progress=False
+    )
     return rows[0]
 
 
@@ -82,7 +85,7 @@ async def open_loop(
 async def overload(corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
     with batcher_server("batcher (defaults)") as server:
         assert server.process is not None
-        peak_row = await max_throughput(server.url, corpus, 8)
+        peak_row = await closed_loop(server.url, corpus, 64, 8)
         peak = float(peak_row["throughput_rps"])
         samples: list[tuple[float, int]] = []
         stop = asyncio.Event()
@@ -90,9 +93,7 @@ async def overload(corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
         spike = await open_loop(server.url, corpus, round(3 * peak), args.overload_s)
         stop.set()
         await sampler
-        after = (
-            await run_steps(server.url, [Load("closed", 64)], corpus=corpus, duration_s=5, warmup_s=0, progress=False)
-        )[0]
+        after = await closed_loop(server.url, corpus, 64, 5, warmup_s=0)
     rss = [value for _, value in samples]
     return {
         "peak_rps": peak,
@@ -124,11 +125,7 @@ async def hang_up(host: str, port: int, body: bytes) -> None:
 async def disconnect_storm(corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
     body = json.dumps({"turns": [{"speaker": "user", "text": "播放周杰伦的歌，然后把客厅的灯调暗一点" * 3}]}).encode()
     with batcher_server("batcher (defaults)") as server:
-        baseline = (
-            await run_steps(
-                server.url, [Load("closed", 16)], corpus=corpus, duration_s=args.storm_s, warmup_s=2, progress=False
-            )
-        )[0]
+        baseline = await closed_loop(server.url, corpus, 16, args.storm_s)
         async with aiohttp.ClientSession() as session:
             before = await scrape(session, server.url + "/metrics")
             storm_sent = 0
@@ -142,11 +139,7 @@ async def disconnect_storm(corpus: Corpus, args: argparse.Namespace) -> dict[str
                     await asyncio.sleep(0.01)
 
             storm_task = asyncio.ensure_future(storm())
-            during = (
-                await run_steps(
-                    server.url, [Load("closed", 16)], corpus=corpus, duration_s=args.storm_s, warmup_s=0, progress=False
-                )
-            )[0]
+            during = await closed_loop(server.url, corpus, 16, args.storm_s, warmup_s=0)
             await storm_task
             await asyncio.sleep(1)
             after = await scrape(session, server.url + "/metrics")
@@ -236,7 +229,7 @@ async def scheduling(corpus: Corpus, args: argparse.Namespace, peak: float) -> l
     for name, overrides in variants:
         with batcher_server(name, *overrides) as server:
             assert server.process is not None
-            throughput = float((await max_throughput(server.url, corpus, 8))["throughput_rps"])
+            throughput = float((await closed_loop(server.url, corpus, 64, 8))["throughput_rps"])
             waited, started = run_queue_wait_s(server.process.pid), time.monotonic()
             # steady state: 2 s at the rate first (the spike's onset is in the overload step)
             spike = await open_loop(server.url, corpus, round(3 * peak), args.scheduling_s, warmup_s=2)
