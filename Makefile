@@ -15,7 +15,7 @@ $(VENV)/.runtime: requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements-dev.txt $(VENV)/.runtime
+$(VENV)/.dev: requirements-dev.txt bench/requirements.txt loadtest/requirements.txt $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
@@ -23,11 +23,11 @@ $(VENV)/.train: requirements-train.txt $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-train.txt
 	touch $@
 
-$(VENV)/.bench: loadtest/requirements.txt $(VENV)/.runtime
-	$(PY) -m pip install --quiet --disable-pip-version-check -r loadtest/requirements.txt
+$(VENV)/.bench: bench/requirements.txt loadtest/requirements.txt $(VENV)/.runtime
+	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	touch $@
 
-run: $(VENV)/.runtime  ## serve the configured model on port 8000 (ARGS="--set batching.max_wait_ms=1")
+run: $(VENV)/.runtime  ## serve the configured model on port 8000 (ARGS="--set batching.max_wait_s=0.001")
 	$(PY) app.py $(ARGS)
 
 test: lint typecheck pytest  ## lint, type checks and the whole test suite
@@ -51,19 +51,19 @@ train: $(VENV)/.train  ## rebuild models/intent-zh: tokenizer, model, model.onnx
 evaluate: $(VENV)/.train  ## test-split accuracy and speed of models/intent-zh, into its model card
 	$(PY) scripts/evaluate.py
 
-bench: $(VENV)/.bench  ## the full benchmark (~15 min): writes BENCHMARKS.md and bench/
-	$(PY) -m loadtest.bench $(ARGS)
+bench: $(VENV)/.bench  ## the full benchmark (~15 min): writes BENCHMARKS.md and bench/results/
+	$(PY) -m bench $(ARGS)
 
 loadtest: $(VENV)/.bench  ## load a running server: make loadtest ARGS="run --concurrency 64"
 	$(PY) -m loadtest $(ARGS)
 
 reliability: $(VENV)/.dev  ## overload, disconnect storm, shutdown, 10-min soak, long fuzz: RELIABILITY.md (~20 min)
-	$(PY) -m loadtest.reliability $(ARGS)
+	$(PY) -m bench.reliability $(ARGS)
 
 soak: reliability  ## the 10-minute soak is part of the reliability run (one run, one RELIABILITY.md)
 
 fuzz: $(VENV)/.dev  ## schemathesis against /openapi.json, 3,000 examples per operation
-	$(PY) -m loadtest.fuzz --examples 3000
+	$(PY) -m bench.fuzz --examples 3000
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -19,10 +19,10 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
-from batcher.application import create_app, create_metrics_app, install_log_filters, server_options
+from batcher.application import create_app, create_metrics_app, drain, install_log_filters, server_options
 from batcher.config import Settings, load_settings
 from batcher.errors import StartupError
-from batcher.handlers import SERVICE
+from batcher.handlers import MODELS
 
 log = logging.getLogger("batcher")
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
@@ -32,6 +32,9 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "config.toml"
 # once every 2 s and the p99 of the 429s fell from ~50 ms to ~9 ms (2 cores, RELIABILITY.md).
 GC_GEN0_THRESHOLD = 10_000
 OPEN_FILES_CAP = 1 << 20  # Linux's default fs.nr_open: the most a process may ask for
+# After the drain every admitted request has its answer; aiohttp gets this long to write
+# them out before it closes the connections (its own 0 would mean "wait for ever").
+RESPONSE_GRACE_S = 1.0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,7 +72,7 @@ async def serve(settings: Settings) -> None:
         app,
         handle_signals=False,
         access_log=log if settings.server.access_log else None,
-        shutdown_timeout=settings.server.shutdown_timeout_s,
+        shutdown_timeout=RESPONSE_GRACE_S,
         **server_options(settings),
     )
     await runner.setup()  # loads, checks and warms the model; raises StartupError
@@ -84,7 +87,7 @@ async def serve(settings: Settings) -> None:
         await web.TCPSite(metrics_runner, settings.server.host, settings.server.metrics_port).start()
         log.info("metrics on http://%s:%d/metrics", settings.server.host, settings.server.metrics_port)
     log.info("serving on http://%s:%d (POST /predict, docs at /docs)", settings.server.host, settings.server.port)
-    service = app[SERVICE]
+    models = app[MODELS]
     stop = asyncio.Event()
     drain_started = 0.0
 
@@ -94,9 +97,9 @@ async def serve(settings: Settings) -> None:
         if stop.is_set():
             return
         drain_started = time.monotonic()
-        service.begin_drain()
+        models.begin_drain()
         stop.set()
-        unanswered = service.batcher.unanswered if service.batcher else 0
+        unanswered = models.unanswered
         # The monotonic clock is system-wide on Linux: a load generator can compare its own
         # send times with it to tell requests sent before the drain from those after.
         log.info("%s: draining %d unanswered requests (monotonic %.6f)", signum.name, unanswered, drain_started)
@@ -105,8 +108,7 @@ async def serve(settings: Settings) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
-    if service.batcher is not None:
-        await service.batcher.close(settings.server.shutdown_timeout_s)
+    await drain(app)  # the listener stays open meanwhile: newcomers get a 503, not a refused connection
     await runner.cleanup()
     if metrics_runner is not None:
         await metrics_runner.cleanup()

@@ -1,13 +1,12 @@
-"""The aiohttp application: routes, middleware, and the lifecycle in one cleanup context.
+"""The aiohttp application: routes, middleware, and the lifecycle.
 
-Start-up loads and checks the bundle, creates the session, warms it over several batch
-sizes and lengths, then starts the batcher; shutdown unwinds in reverse, draining the
-queue before the workers stop.
+Start-up (a cleanup context) loads, checks and warms the model and starts its batcher
+(`batcher.runtime`); shutdown drains it (`drain`, on the app's shutdown signal: before
+aiohttp waits for the handlers, so every admitted request is answered first).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -20,27 +19,29 @@ from aiohttp.http_exceptions import HttpProcessingError
 from swagger_ui_bundle import swagger_ui_path
 
 from batcher import __version__, handlers
-from batcher.batching import Batcher
+from batcher.auth import load_tokens
 from batcher.config import Settings
 from batcher.errors import HTTPError, InternalError, MalformedHTTP, snippet
-from batcher.handlers import OPENAPI, SERVICE, SERVICE_TITLE, TIMING_HEADERS
+from batcher.handlers import METRICS, MODELS, OPENAPI, SERVICE_TITLE, SETTINGS, TIMING_HEADERS, TOKENS
 from batcher.metrics import Metrics
 from batcher.middleware import REQUEST_ID, observe
-from batcher.model import Model, OnnxModel, load_bundle, warm_up
 from batcher.openapi import SWAGGER_PAGE, build_openapi
-from batcher.service import Service, load_tokens
-from batcher.tokenization import TextEncoder
+from batcher.runtime import Models, load_runtime
+from batcher.worker import Model
 
 log = logging.getLogger(__name__)
-WARMUP_BATCH_SIZES = (1, 4)
-WARMUP_LENGTHS = (8, 32)
 
 
 def create_app(settings: Settings, *, metrics: Metrics | None = None, model: Model | None = None) -> web.Application:
     """The app; `model` replaces the bundle's ONNX session (tests of timing use a fake)."""
     install_protocol_errors()
     app = web.Application(client_max_size=settings.server.client_max_size_bytes, middlewares=[observe])
-    app[SERVICE] = Service(settings, metrics or Metrics())
+    app[SETTINGS] = settings
+    app[METRICS] = metrics = metrics or Metrics()
+    app[MODELS] = Models(metrics)
+    app[TOKENS] = load_tokens(settings.server.auth_tokens_file, settings.server.auth_tokens_env, settings.base_dir)
+    if app[TOKENS]:
+        log.info("bearer-token auth on the predict routes: %d token(s)", len(app[TOKENS]))
     app[OPENAPI] = build_openapi(SERVICE_TITLE, __version__)
     app.router.add_get("/", handlers.index)
     app.router.add_get("/healthz", handlers.healthz)
@@ -58,6 +59,7 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, model: Mod
     if server.cors_origins:
         enable_cors(app, server.cors_origins, max_age_s=server.cors_max_age_s)
     app.cleanup_ctx.append(partial(lifecycle, model=model))
+    app.on_shutdown.append(drain)
     return app
 
 
@@ -146,7 +148,10 @@ def install_log_filters() -> None:
 def create_metrics_app(main: web.Application) -> web.Application:
     """/metrics alone, for server.metrics_port: keeps it off the public listener."""
     app = web.Application(middlewares=[observe])
-    app[SERVICE] = main[SERVICE]
+    app[SETTINGS] = main[SETTINGS]
+    app[METRICS] = main[METRICS]
+    app[MODELS] = main[MODELS]
+    app[TOKENS] = ()
     app.router.add_get("/metrics", handlers.metrics)
     return app
 
@@ -156,49 +161,15 @@ async def docs(request: web.Request) -> web.Response:
 
 
 async def lifecycle(app: web.Application, *, model: Model | None) -> AsyncIterator[None]:
-    service = app[SERVICE]
-    settings = service.settings
-    loop = asyncio.get_running_loop()
-    service.tokens = load_tokens(settings.server.auth_tokens_file, settings.server.auth_tokens_env, settings.base_dir)
-    if service.tokens:
-        log.info("bearer-token auth on the predict routes: %d token(s)", len(service.tokens))
-    bundle = await loop.run_in_executor(None, load_bundle, settings.model_dir, settings.model.file)
-    encoder = await loop.run_in_executor(None, TextEncoder.from_bundle, bundle.directory, settings.model.max_seq_len)
-    if model is None:
-        model = await loop.run_in_executor(None, OnnxModel, bundle, settings.model)
-    log.info("model %s (sha256 %s) runs on %s", bundle.name, bundle.sha256[:12], model.provider)
-    batch_sizes = sorted({*WARMUP_BATCH_SIZES, settings.batching.max_batch_size})
-    lengths = sorted({*WARMUP_LENGTHS, settings.model.max_seq_len})
-    await loop.run_in_executor(
-        None,
-        partial(
-            warm_up,
-            model,
-            pad_id=encoder.pad_id,
-            batch_sizes=batch_sizes,
-            lengths=lengths,
-            runs=settings.model.warmup_runs,
-        ),
-    )
-    batcher = Batcher(
-        model, settings=settings.batching, metrics=service.metrics, pad_id=encoder.pad_id, num_labels=len(bundle.labels)
-    )
-    service.bundle, service.encoder, service.provider = bundle, encoder, model.provider
-    service.metrics.describe_model(
-        {
-            "name": service.name,
-            "sha256": bundle.sha256[:12],
-            "provider": model.provider,
-            "labels": str(len(bundle.labels)),
-            **settings.describe(),
-        }
-    )
-    batcher.start()
-    service.batcher = batcher
-    service.warm = True
-    service.metrics.ready.set(1)
+    """Load and warm the model before the server listens; stop its workers at the very end."""
+    app[MODELS].add(await load_runtime(app[SETTINGS], app[METRICS], model=model))
     try:
         yield
     finally:
-        service.begin_drain()
-        await batcher.close(settings.server.shutdown_timeout_s)
+        await drain(app)  # a no-op when the shutdown signal already drained
+
+
+async def drain(app: web.Application) -> None:
+    """The drain, in one place: readiness drops, new predictions get 503, everything
+    admitted is answered within server.shutdown_timeout_s (503 for what is left then)."""
+    await app[MODELS].drain(app[SETTINGS].server.shutdown_timeout_s)

@@ -12,6 +12,7 @@ import os
 import re
 import tomllib
 import typing
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -135,7 +136,7 @@ class BatchingSettings:
     found 32 at least as fast as 8, 16 or 64 at 64 clients, with the lowest open-loop p99."""
     max_batch_tokens: int = 8192
     """Most padded tokens (rows x longest row) in one model run."""
-    max_wait_ms: float = 2.0
+    max_wait_s: float = 0.002
     """Longest time the oldest queued request waits for company while the model is idle.
     The wait adapts to the arrival rate: a lone client does not wait."""
     max_queue_size: int = 256
@@ -143,7 +144,7 @@ class BatchingSettings:
     work at the bundled model's maximum on 2 cores: under a 3x overload admitted requests
     kept a p99 of ~0.4 s (~1.1 s at 1024) and refusals stayed faster (RELIABILITY.md).
     Raise it with the hardware's throughput (roughly 0.2 s x requests/s)."""
-    request_timeout_ms: float = 10_000.0
+    request_timeout_s: float = 10.0
     """Deadline from admission to answer; a request still queued then gets 504 and is
     never computed."""
     worker_sched_idle: bool = True
@@ -166,9 +167,9 @@ class BatchingSettings:
     def __post_init__(self) -> None:
         _check_range("batching.max_batch_size", self.max_batch_size, 1, 4096)
         _check_range("batching.max_batch_tokens", self.max_batch_tokens, 1, 1 << 24)
-        _check_range("batching.max_wait_ms", self.max_wait_ms, 0, 10_000)
+        _check_range("batching.max_wait_s", self.max_wait_s, 0, 10)
         _check_range("batching.max_queue_size", self.max_queue_size, 1, 1 << 20)
-        _check_range("batching.request_timeout_ms", self.request_timeout_ms, 1, 3_600_000)
+        _check_range("batching.request_timeout_s", self.request_timeout_s, 0.001, 3600)
         _check_range("batching.instances", self.instances, 1, 64)
         _check_range("batching.worker_nice", self.worker_nice, 0, 19)
 
@@ -201,6 +202,12 @@ _SECTIONS: dict[str, type[Any]] = {
     "batching": BatchingSettings,
 }
 ENV_PREFIX = "BATCHER_"
+# Durations are named and given in seconds (`_s`). Keys of the old millisecond names still
+# work, converted, with a warning: (section, old key) -> (new key, factor to seconds).
+RENAMED: dict[tuple[str, str], tuple[str, float]] = {
+    ("batching", "max_wait_ms"): ("max_wait_s", 0.001),
+    ("batching", "request_timeout_ms"): ("request_timeout_s", 0.001),
+}
 
 
 def load_settings(
@@ -224,7 +231,7 @@ def load_settings(
         dotted, sep, value = item.partition("=")
         section, dot, name = dotted.strip().partition(".")
         if not sep or not dot:
-            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. batching.max_wait_ms=2")
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. batching.max_wait_s=0.002")
         _merge(raw, {section: {name: _parse_scalar(value.strip())}}, source=f"--set {item}")
     sections = {name: _build_section(name, raw[name]) for name in _SECTIONS}
     return Settings(base_dir=base_dir, **sections)
@@ -249,10 +256,23 @@ def _merge(raw: dict[str, dict[str, Any]], values: Mapping[str, Any], *, source:
             raise ConfigError(f"{source}: [{section}] must be a table")
         known = {field.name for field in dataclasses.fields(_SECTIONS[section])}
         for key, value in table.items():
+            if (section, key) in RENAMED:
+                key, value = _renamed(section, key, value, source)
             if key not in known:
                 allowed = ", ".join(sorted(known))
                 raise ConfigError(f"{source}: unknown key {section}.{key}; allowed: {allowed}")
             raw[section][key] = value
+
+
+def _renamed(section: str, key: str, value: Any, source: str) -> tuple[str, Any]:
+    new, factor = RENAMED[(section, key)]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{source}: {section}.{key} = {value!r} must be a number")
+    seconds = value * factor
+    warnings.warn(
+        f"{source}: {section}.{key} is deprecated; use {section}.{new} = {seconds:g}", FutureWarning, stacklevel=4
+    )
+    return new, seconds
 
 
 def _parse_scalar(text: str) -> Any:

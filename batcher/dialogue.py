@@ -14,6 +14,15 @@ from collections.abc import Iterable
 SEPARATOR = "[SEP]"
 USER_MARKER = "用户："
 OTHER_MARKER = "助手："
+# Characters of dialogue kept before tokenizing, per token of max_seq_len: comfortably more
+# than the tokens need, so truncation happens in the tokenizer, yet a 1 MiB body never
+# reaches it whole.
+CHARS_PER_TOKEN = 4
+
+
+def char_budget(max_seq_len: int) -> int:
+    """Characters of dialogue text kept for a model reading at most `max_seq_len` tokens."""
+    return max_seq_len * CHARS_PER_TOKEN
 
 
 def speaker_marker(speaker: str) -> str:

@@ -1,8 +1,9 @@
 """HTTP handlers: parse and validate, tokenize, hand to the batcher, render with orjson.
 
+A prediction walks down once: the model's runtime (503 while loading or draining), the
+queue's room (429), the body (400/413/422), the tokenizer, the batcher, the response.
 Handlers never block: the only per-request work on the loop is JSON parsing, validation
-and tokenizing one short text (~10-20 µs); everything batch-sized runs in the batcher's
-worker thread.
+and tokenizing one short text (~10-20 µs); everything batch-sized runs on the worker.
 """
 
 from __future__ import annotations
@@ -16,11 +17,18 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from batcher.batching import Prediction
+from batcher.config import Settings
 from batcher.errors import InvalidJSON, NotReady, PayloadTooLarge, RequestTimeout
+from batcher.metrics import Metrics
+from batcher.runtime import Models, Runtime
 from batcher.schemas import BatchPredictRequest, PredictRequest, validate
-from batcher.service import Service
+from batcher.tokenization import Encoded
 
-SERVICE = web.AppKey("service", Service)
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+MODELS = web.AppKey("models", Models)
+TOKENS = web.AppKey("tokens", tuple)
+"""Accepted bearer tokens (bytes); empty: the predict routes are open."""
 OPENAPI = web.AppKey("openapi", dict)
 SERVICE_TITLE = "batcher: 意图识别 ONNX 推理服务"
 STARTED = web.RequestKey("started", float)
@@ -32,16 +40,17 @@ def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | Non
 
 
 async def index(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
+    models = request.app[MODELS]
+    runtime = models.find()
     return json_response(
         {
             "status": "ok",
             "service": SERVICE_TITLE,
-            "model_loaded": service.batcher is not None,
-            "model": service.name,
-            "provider": service.provider,
-            "ready": service.ready,
-            "draining": service.draining,
+            "model_loaded": runtime is not None,
+            "model": runtime.name if runtime else "",
+            "provider": runtime.provider if runtime else "none",
+            "ready": models.ready,
+            "draining": models.draining,
         }
     )
 
@@ -51,43 +60,40 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    if service.draining:
+    models = request.app[MODELS]
+    if models.draining:
         raise NotReady("server is shutting down")
-    if not service.ready:
+    if not models.ready:
         raise NotReady("model is not loaded, not warm, or its last run failed")
     return json_response({"status": "ready"})
 
 
 async def intents(request: web.Request) -> web.Response:
-    labels = request.app[SERVICE].labels
+    runtime = request.app[MODELS].find()
+    labels = runtime.labels if runtime else []
     return json_response({"intents": [{"id": index, "name": name} for index, name in enumerate(labels)]})
 
 
 async def predict(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    service.authorize(request.headers.get("Authorization"))
-    encoder, batcher = service.require_batcher()
-    batcher.check_admission()
+    runtime = request.app[MODELS].get()
+    runtime.batcher.check_admission()
     body = validate(PredictRequest, await read_json(request))
-    prediction = await batcher.submit(service.encode(encoder, body))
-    result = render(service, body, prediction, request[STARTED])
+    prediction = await runtime.batcher.submit(encode(request, runtime, body))
+    result = render(runtime.labels, body, prediction, request[STARTED])
     return json_response(result, headers=timing_headers(prediction))
 
 
 async def predict_batch(request: web.Request) -> web.Response:
-    service = request.app[SERVICE]
-    service.authorize(request.headers.get("Authorization"))
-    encoder, batcher = service.require_batcher()
+    runtime = request.app[MODELS].get()
     body = validate(BatchPredictRequest, await read_json(request))
-    limit = service.settings.server.max_batch_items
+    limit = request.app[SETTINGS].server.max_batch_items
     if len(body.items) > limit:
         raise PayloadTooLarge(f"items: {len(body.items)} items, more than max_batch_items ({limit})")
-    encoded = [service.encode(encoder, item) for item in body.items]
+    encoded = [encode(request, runtime, item) for item in body.items]
     futures: list[asyncio.Future[Prediction]] = []
     try:
         for row in encoded:
-            futures.append(batcher.submit(row))
+            futures.append(runtime.batcher.submit(row))
         predictions = await asyncio.gather(*futures)
     except BaseException:
         for future in futures:
@@ -95,12 +101,20 @@ async def predict_batch(request: web.Request) -> web.Response:
         raise
     started = request[STARTED]
     return json_response(
-        {"results": [render(service, item, p, started) for item, p in zip(body.items, predictions, strict=True)]}
+        {"results": [render(runtime.labels, item, p, started) for item, p in zip(body.items, predictions, strict=True)]}
     )
 
 
+def encode(request: web.Request, runtime: Runtime, body: PredictRequest) -> Encoded:
+    """The dialogue's token ids, timed into batcher_tokenize_duration_seconds."""
+    started = time.perf_counter()
+    encoded = runtime.encoder.encode_dialogue((turn.speaker, turn.text) for turn in body.turns)
+    request.app[METRICS].tokenize.observe(time.perf_counter() - started)
+    return encoded
+
+
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[SERVICE].metrics.registry
+    registry = request.app[METRICS].registry
     return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
@@ -111,7 +125,7 @@ async def openapi(request: web.Request) -> web.Response:
 async def read_json(request: web.Request) -> Any:
     """The parsed body: 413 past client_max_size (checked before reading), 408 if it arrives
     slower than body_read_timeout_s, 400 if not JSON."""
-    server = request.app[SERVICE].settings.server
+    server = request.app[SETTINGS].server
     limit = server.client_max_size_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is {request.content_length} bytes, more than the {limit} allowed")
@@ -131,8 +145,7 @@ async def read_json(request: web.Request) -> Any:
         raise InvalidJSON(f"request body is not valid JSON: {str(exc)[:120]}") from None
 
 
-def render(service: Service, body: PredictRequest, prediction: Prediction, started: float) -> dict[str, Any]:
-    labels = service.labels
+def render(labels: list[str], body: PredictRequest, prediction: Prediction, started: float) -> dict[str, Any]:
     result: dict[str, Any] = {
         "intent_id": prediction.intent_id,
         "intent_name": labels[prediction.intent_id],
@@ -153,9 +166,8 @@ def render(service: Service, body: PredictRequest, prediction: Prediction, start
 
 
 def timing_headers(prediction: Prediction) -> dict[str, str]:
-    queue, inference, batch_size = TIMING_HEADERS
     return {
-        queue: f"{prediction.queue_ms:.3f}",
-        inference: f"{prediction.inference_ms:.3f}",
-        batch_size: str(prediction.batch_size),
+        "x-queue-time-ms": f"{prediction.queue_ms:.3f}",
+        "x-inference-time-ms": f"{prediction.inference_ms:.3f}",
+        "x-batch-size": str(prediction.batch_size),
     }

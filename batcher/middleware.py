@@ -1,4 +1,4 @@
-"""The request middleware: request ids, per-route metrics, and the one place errors become JSON."""
+"""The request middleware: authentication, request ids, per-route metrics, and the one place errors become JSON."""
 
 from __future__ import annotations
 
@@ -11,8 +11,18 @@ import time
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
-from batcher.errors import CORSForbidden, HTTPError, InternalError, MethodNotAllowed, NotFound, PayloadTooLarge, snippet
-from batcher.handlers import SERVICE, STARTED, json_response
+from batcher.auth import authorize
+from batcher.errors import (
+    CORSForbidden,
+    HTTPError,
+    InternalError,
+    MethodNotAllowed,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    snippet,
+)
+from batcher.handlers import METRICS, STARTED, TOKENS, json_response
 from batcher.metrics import PREDICT_ROUTES, ROUTES
 
 log = logging.getLogger(__name__)
@@ -36,12 +46,20 @@ def route_label(request: web.Request) -> str:
 
 @web.middleware
 async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """The one middleware: stamp the start time, turn every failure into
-    `{"error": {"type", "message"}}` with its status (never a traceback), then stamp the
-    request id and count and time the answer."""
+    """The one middleware: stamp the start time, check the bearer token on the predict
+    routes, turn every failure into `{"error": {"type", "message"}}` with its status (never
+    a traceback), then stamp the request id and count and time the answer."""
     request[STARTED] = started = time.perf_counter()
+    route = route_label(request)
+    metrics = request.app[METRICS]
     try:
+        tokens = request.app[TOKENS]
+        if tokens and route in PREDICT_ROUTES:
+            authorize(tokens, request.headers.get("Authorization"))
         response = await handler(request)
+    except Unauthorized as error:
+        metrics.rejected.labels("unauthorized").inc()
+        response = json_response(error.body(), status=error.status, headers=error.headers)
     except HTTPError as error:
         response = json_response(error.body(), status=error.status, headers=error.headers)
     except web.HTTPException as exc:
@@ -52,8 +70,6 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     incoming = request.headers.get(REQUEST_ID, "")
     request_id = incoming if _REQUEST_ID_OK.match(incoming) else f"{_ID_PREFIX}{next(_ID_COUNTER):020d}"
     response.headers[REQUEST_ID] = request_id
-    route = route_label(request)
-    metrics = request.app[SERVICE].metrics
     metrics.answered(route, response.status, time.perf_counter() - started)
     if route in PREDICT_ROUTES and response.status in _INVALID_STATUSES:
         metrics.rejected.labels("invalid").inc()

@@ -1,23 +1,20 @@
-"""The model bundle and the ONNX Runtime session behind a small protocol.
+"""The ONNX Runtime session: the one module that imports onnxruntime.
 
-The batcher depends only on `Model.run(input_ids, attention_mask, token_type_ids) -> logits`,
-so tests can swap in a deliberately slow or failing model where the point is timing;
-everywhere else a real `OnnxModel` runs.
+`OnnxModel` implements the worker's `Model` protocol (`run(input_ids, attention_mask,
+token_type_ids) -> logits`), so tests can swap in a deliberately slow or failing model
+where the point is timing; everywhere else a real `OnnxModel` runs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from batcher.bundle import ModelBundle
 from batcher.config import ModelSettings
 from batcher.errors import BundleError, StartupError
 
@@ -32,74 +29,6 @@ _OPTIMIZATION = {
 _DTYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-
-
-class Model(Protocol):
-    """What the batcher needs from a model: one call per padded batch."""
-
-    provider: str
-
-    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
-        """Logits of shape (rows, labels) for int64 inputs of shape (rows, longest)."""
-        ...
-
-
-@dataclass(frozen=True)
-class ModelBundle:
-    """A checked model directory."""
-
-    directory: Path
-    model_path: Path
-    labels: list[str]
-    sha256: str
-
-    @property
-    def name(self) -> str:
-        return self.directory.resolve().name
-
-
-def load_bundle(directory: Path, file: str = "model.onnx") -> ModelBundle:
-    """Check a bundle directory and read its labels; errors name the file and the problem."""
-    if not directory.is_dir():
-        raise BundleError(f"model bundle {directory} is not a directory")
-    model_path = directory / file
-    if not model_path.is_file():
-        raise BundleError(f"{model_path} is missing")
-    digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
-    return ModelBundle(directory, model_path, _read_labels(directory), digest)
-
-
-def _read_labels(directory: Path) -> list[str]:
-    labels_path = directory / "labels.json"
-    config_path = directory / "config.json"
-    if labels_path.is_file():
-        path, data = labels_path, _read_json(labels_path)
-        labels = data.get("labels", data.get("id2label")) if isinstance(data, dict) else data
-    elif config_path.is_file():
-        path, data = config_path, _read_json(config_path)
-        labels = data.get("id2label") if isinstance(data, dict) else None
-    else:
-        raise BundleError(f"{directory}: neither labels.json nor config.json (with id2label) is present")
-    if isinstance(labels, dict):
-        try:
-            by_id = {int(key): value for key, value in labels.items()}
-        except ValueError:
-            raise BundleError(f"{path}: id2label keys must be integer ids") from None
-        if sorted(by_id) != list(range(len(by_id))):
-            raise BundleError(f"{path}: id2label ids must be 0..{len(by_id) - 1} without gaps")
-        labels = [by_id[index] for index in range(len(by_id))]
-    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) and x for x in labels):
-        raise BundleError(f"{path}: expected a non-empty list of label names (or an id2label map)")
-    if len(set(labels)) != len(labels):
-        raise BundleError(f"{path}: label names must be unique")
-    return labels
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"{path}: cannot read JSON: {exc}") from None
 
 
 class OnnxModel:
@@ -120,10 +49,11 @@ class OnnxModel:
             self._dtypes[name] = _DTYPES[node.type]
         outputs = [node.name for node in self.session.get_outputs()]
         self._output = "logits" if "logits" in outputs else outputs[0]
-        width = self.run(*(np.ones((1, 4), dtype=np.int64),) * 2, np.zeros((1, 4), dtype=np.int64)).shape
-        if len(width) != 2 or width[1] != len(bundle.labels):
+        probe = np.ones((1, 4), dtype=np.int64)  # one row of four tokens: the output must be (1, labels)
+        shape = self.run(probe, probe, np.zeros_like(probe)).shape
+        if len(shape) != 2 or shape[1] != len(bundle.labels):
             raise BundleError(
-                f"{bundle.model_path}: output {self._output} has shape {width} for one row, "
+                f"{bundle.model_path}: output {self._output} has shape {shape} for one row, "
                 f"but the bundle has {len(bundle.labels)} labels"
             )
 
@@ -166,12 +96,3 @@ def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> o
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:
         raise BundleError(f"{path}: ONNX Runtime cannot load it: {exc}") from None
-
-
-def warm_up(model: Model, *, pad_id: int, batch_sizes: Sequence[int], lengths: Sequence[int], runs: int) -> None:
-    """Run every batch size x length so kernels and memory arenas are ready before traffic."""
-    for _ in range(runs):
-        for rows in batch_sizes:
-            for length in lengths:
-                ids = np.full((rows, length), pad_id + 1, dtype=np.int64)
-                model.run(ids, np.ones_like(ids), np.zeros_like(ids))

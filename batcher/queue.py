@@ -127,28 +127,38 @@ class RequestQueue:
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self.pending: deque[Pending] = deque()
+        self._pending: deque[Pending] = deque()
 
     def __len__(self) -> int:
-        return len(self.pending)
+        return len(self._pending)
 
     def check_room(self, rows: int = 1) -> None:
         """429 unless `rows` more requests fit under `max_size`."""
-        if len(self.pending) + rows > self.max_size:
+        if len(self._pending) + rows > self.max_size:
             raise QueueFull(
                 f"queue holds {self.max_size} requests, its limit; retry later", headers={"Retry-After": "1"}
             )
 
     def push(self, entry: Pending) -> None:
         self.check_room()
-        self.pending.append(entry)
+        self._pending.append(entry)
+
+    def take(self, limits: BatchLimits, now: float) -> Selection:
+        """The next batch and the dead found on the way (see `take_batch`)."""
+        return take_batch(self._pending, limits, now)
+
+    def take_all(self) -> list[Pending]:
+        """Remove and return everything queued."""
+        everything = list(self._pending)
+        self._pending.clear()
+        return everything
 
     def oldest_enqueued_at(self) -> float | None:
-        return self.pending[0].enqueued_at if self.pending else None
+        return self._pending[0].enqueued_at if self._pending else None
 
     def full_batch_waiting(self, limits: BatchLimits) -> bool:
         """Whether enough is queued to fill a batch by rows or by padded tokens."""
-        if len(self.pending) >= limits.max_batch_size:
+        if len(self._pending) >= limits.max_batch_size:
             return True
-        longest = max((entry.length for entry in self.pending), default=0)
-        return len(self.pending) * longest >= limits.max_batch_tokens
+        longest = max((entry.length for entry in self._pending), default=0)
+        return len(self._pending) * longest >= limits.max_batch_tokens

@@ -5,13 +5,14 @@ end of the dialogue."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer
 from tokenizers.implementations.bert_wordpiece import BertWordPieceTokenizer
 
-from batcher.dialogue import SEPARATOR
+from batcher.dialogue import SEPARATOR, char_budget, dialogue_text
 from batcher.errors import BundleError
 
 
@@ -63,3 +64,7 @@ class TextEncoder:
     def encode(self, text: str) -> Encoded:
         encoding = self._tokenizer.encode(text)
         return Encoded(encoding.ids, encoding.type_ids)
+
+    def encode_dialogue(self, turns: Iterable[tuple[str, str]]) -> Encoded:
+        """`(speaker, text)` turns, oldest first, as the model reads them (see `batcher.dialogue`)."""
+        return self.encode(dialogue_text(turns, char_budget(self.max_seq_len)))

@@ -11,81 +11,15 @@ from __future__ import annotations
 import argparse
 import datetime
 import sys
-import time
-from functools import partial
 from pathlib import Path
-from typing import Any
-from urllib.parse import urlsplit
 
-import aiohttp
 import uvloop
 
 from loadtest import report
 from loadtest.classic import run_classic
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
-from loadtest.driver import Driver, Load
-from loadtest.http import HttpClient
-from loadtest.server_metrics import Samples, breakdown, scrape
-
-CPU_WARNING_SHARE = 0.85
-
-
-async def run_steps(
-    base_url: str,
-    loads: list[Load],
-    *,
-    corpus: Corpus,
-    endpoint: str = "predict",
-    duration_s: float = 10,
-    warmup_s: float = 2,
-    seed: int = 1,
-    timeout_s: float = 30,
-    slo_p99_ms: float | None = None,
-    progress: bool = True,
-) -> list[dict[str, Any]]:
-    """Run each load step in turn; with an SLO, stop after the first step whose p99 breaks it."""
-    path = "/predict" if endpoint == "predict" else "/predict/batch"
-    rows: list[dict[str, Any]] = []
-    address = urlsplit(base_url)
-    client = HttpClient(address.hostname or "127.0.0.1", address.port or 80)
-    async with aiohttp.ClientSession() as session:
-        driver = Driver(client, path, corpus.bodies(endpoint), seed=seed, timeout_s=timeout_s, progress=progress)
-        for load in loads:
-            before: Samples = {}
-            scraped_at: list[float] = []
-            snapshot = partial(_scrape_into, before, scraped_at, session, base_url + "/metrics")
-            result = await driver.run(load, duration_s=duration_s, warmup_s=warmup_s, on_measure_start=snapshot)
-            after = await scrape(session, base_url + "/metrics")
-            # Server rates over the time between the two scrapes: the step plus the drain of
-            # requests still in flight at its end (long under overload).
-            wall_s = time.perf_counter() - scraped_at[0] if scraped_at else duration_s
-            result.server = breakdown(before, after, max(wall_s, duration_s))
-            row = result.summary(slo_p99_ms)
-            rows.append(row)
-            if row["client_cpu_share"] > CPU_WARNING_SHARE:
-                print(
-                    f"warning: the load generator used {row['client_cpu_share']:.0%} of a core during "
-                    f"{load.label}; it may be the bottleneck, not the server",
-                    file=sys.stderr,
-                )
-            if slo_p99_ms is not None and row["p99_ms"] > slo_p99_ms:
-                print(
-                    f"{load.label}: p99 {row['p99_ms']:.1f} ms breaks the {slo_p99_ms:g} ms SLO; stopping the sweep",
-                    file=sys.stderr,
-                )
-                break
-    await client.close()
-    return rows
-
-
-async def _scrape_into(samples: Samples, at: list[float], session: aiohttp.ClientSession, url: str) -> None:
-    samples.update(await scrape(session, url))
-    at.append(time.perf_counter())
-
-
-def highest_within_slo(rows: list[dict[str, Any]], slo_p99_ms: float) -> dict[str, Any] | None:
-    held = [row for row in rows if row["p99_ms"] <= slo_p99_ms and not row["unsent"]]
-    return max(held, key=lambda row: row["throughput_rps"]) if held else None
+from loadtest.driver import Load
+from loadtest.steps import highest_within_slo, run_steps
 
 
 def parse_loads(args: argparse.Namespace) -> list[Load]:

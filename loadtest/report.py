@@ -69,7 +69,7 @@ def write(rows: Sequence[dict[str, Any]], out: Path, name: str) -> None:
 
 def plot_latency(series: dict[str, Sequence[dict[str, Any]]], path: Path, title: str) -> None:
     """Latency percentiles against achieved throughput, one line set per server."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7.5, 4.5))
     for index, (name, rows) in enumerate(series.items()):
         rows = sorted(rows, key=lambda r: r["throughput_rps"])
@@ -90,7 +90,7 @@ def plot_latency(series: dict[str, Sequence[dict[str, Any]]], path: Path, title:
 
 def plot_batch_sizes(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     """Distribution of batch sizes (by histogram bucket) for each step."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(figsize=(7.5, 4))
     buckets = sorted(
         {k for r in rows for k in (r.get("server") or {}).get("batch_size_distribution", {})},
@@ -116,7 +116,7 @@ def plot_batch_sizes(rows: Sequence[dict[str, Any]], path: Path, title: str) -> 
     plt.close(figure)
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
     import matplotlib
 
     matplotlib.use("Agg")

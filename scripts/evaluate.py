@@ -29,10 +29,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from intents_split import MAX_SEQ_LEN, load_split  # noqa: E402
 
-from batcher.batching import pad_batch  # noqa: E402
+from batcher.bundle import ModelBundle, load_bundle  # noqa: E402
 from batcher.config import ModelSettings  # noqa: E402
-from batcher.model import ModelBundle, OnnxModel, load_bundle  # noqa: E402
+from batcher.model import OnnxModel  # noqa: E402
 from batcher.tokenization import Encoded, TextEncoder  # noqa: E402
+from batcher.worker import pad_batch  # noqa: E402
 
 START, END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"
 

@@ -11,7 +11,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batcher.dialogue import dialogue_text
 from batcher.tokenization import Encoded, TextEncoder
 
 MAX_SEQ_LEN = 128
@@ -23,7 +22,7 @@ def load_split(path: Path, encoder: TextEncoder, labels: list[str]) -> tuple[lis
     for line in path.read_text(encoding="utf-8").splitlines():
         example = json.loads(line)
         turns = [(t["speaker"], t["text"]) for t in example["turns"]]
-        rows.append(encoder.encode(dialogue_text(turns, MAX_SEQ_LEN * 4)))
+        rows.append(encoder.encode_dialogue(turns))
         gold.append(labels.index(example["intent"]))
         multi.append(len(turns) > 1)
     return rows, np.array(gold), np.array(multi)

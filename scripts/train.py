@@ -32,8 +32,8 @@ from build_tokenizer import build_tokenizer  # noqa: E402
 from dataset_phrases import INTENTS  # noqa: E402
 from intents_split import MAX_SEQ_LEN, load_split  # noqa: E402
 
-from batcher.batching import pad_batch  # noqa: E402
 from batcher.tokenization import Encoded, TextEncoder  # noqa: E402
+from batcher.worker import pad_batch  # noqa: E402
 
 SEED = 20261125
 

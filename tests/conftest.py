@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,12 +15,17 @@ from aiohttp.test_utils import TestClient
 from aiohttp.web import Application
 
 from batcher.application import create_app, server_options
-from batcher.config import ModelSettings, Settings, load_settings
+from batcher.batching import Batcher
+from batcher.bundle import load_bundle
+from batcher.config import BatchingSettings, ModelSettings, Settings, load_settings
 from batcher.metrics import Metrics
-from batcher.model import Model, OnnxModel, load_bundle
+from batcher.model import OnnxModel
+from batcher.tokenization import Encoded
+from batcher.worker import Model, Worker
 from tests.tiny_model import LABELS, build_bundle
 
 MakeSettings = Callable[..., Settings]
+MakeBatcher = Callable[..., tuple[Batcher, "FakeModel", Metrics]]
 MakeClient = Callable[..., Awaitable[TestClient[Any, Application]]]
 
 
@@ -50,8 +56,9 @@ def make_client(aiohttp_server: Any, aiohttp_client: Any, make_settings: MakeSet
 
 
 class FakeModel:
-    """A stand-in model for tests about timing and ordering only: it can block on a gate,
-    sleep, or fail, and records the batches it ran. Returns fixed logits."""
+    """A stand-in model for tests about timing and ordering only: it can hold runs on a gate,
+    take time, or fail, and records the batches it ran. Returns fixed logits (intent 1).
+    Until `armed`, runs (the warm-up's) pass straight through and are not recorded."""
 
     provider = "fake"
 
@@ -63,10 +70,12 @@ class FakeModel:
         self.fail_next = 0
         self.batches: list[int] = []
         self.armed = False
+        self._started = threading.Semaphore(0)
         self._lock = threading.Lock()
 
     def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
         if self.armed:
+            self._started.release()
             self.gate.wait(timeout=10)
             with self._lock:
                 self.batches.append(len(input_ids))
@@ -78,6 +87,11 @@ class FakeModel:
         logits = np.zeros((len(input_ids), self.num_labels), dtype=np.float32)
         logits[:, 1] = 2.0
         return logits
+
+    async def started(self, runs: int = 1) -> None:
+        """Wait until `runs` more armed runs have started (and are perhaps held on the gate)."""
+        for _ in range(runs):
+            assert await asyncio.to_thread(self._started.acquire, timeout=5), "no model run started"
 
     @property
     def rows(self) -> int:
@@ -127,3 +141,51 @@ def real_model(tiny_bundle: Path) -> FaultInjector:
 def fake_model() -> FakeModel:
     """Warm-up runs pass straight through; the test arms the model when traffic starts."""
     return FakeModel()
+
+
+async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> None:
+    """Wait, yielding to the loop, until `condition()` holds: for state that the server's
+    own coroutines change on this same loop (a request reaching the queue, say)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.001)
+
+
+def row(length: int) -> Encoded:
+    """A tokenized request of `length` tokens."""
+    return Encoded(list(range(1, length + 1)), [0] * length)
+
+
+@pytest.fixture
+async def make_batcher() -> AsyncIterator[MakeBatcher]:
+    """A started batcher over an armed FakeModel; `held=True` holds every run on the gate
+    until the test opens it. Closed (gate opened) at the end of the test."""
+    made: list[tuple[Batcher, FakeModel]] = []
+
+    def make(
+        *, model: FakeModel | None = None, held: bool = False, delay_s: float = 0.0, **settings: Any
+    ) -> tuple[Batcher, FakeModel, Metrics]:
+        model = model or FakeModel(num_labels=4, delay_s=delay_s)
+        model.armed = True
+        if held:
+            model.gate.clear()
+        config = BatchingSettings(**settings)
+        metrics = Metrics(process=False)
+        worker = Worker(
+            model,
+            instances=config.instances,
+            pad_id=0,
+            num_labels=4,
+            sched_idle=config.worker_sched_idle,
+            nice=config.worker_nice,
+        )
+        batcher = Batcher(worker, settings=config, metrics=metrics)
+        batcher.start()
+        made.append((batcher, model))
+        return batcher, model, metrics
+
+    yield make
+    for batcher, model in made:
+        model.gate.set()
+        await batcher.close(1)

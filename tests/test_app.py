@@ -21,8 +21,8 @@ import aiohttp
 import pytest
 
 import app
-from loadtest.bench import free_port
-from loadtest.reliability import DRAIN_LOG, rss_bytes
+from bench.reliability import DRAIN_LOG
+from bench.servers import free_port, rss_bytes
 from tests.tiny_model import build_bundle
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ async def test_sigterm_with_100_in_flight_answers_all_and_exits_0(slow_bundle: P
     code, output = finish(process, 25)
     assert code == 0
     assert "Traceback" not in output
-    drain = DRAIN_LOG.search(output)  # the instant loadtest.reliability splits "before" from "after" at
+    drain = DRAIN_LOG.search(output)  # the instant bench.reliability splits "before" from "after" at
     assert drain is not None, output
     assert signalled < float(drain.group(1)) < signalled + 5
 

@@ -20,13 +20,13 @@ def test_shipped_config_loads_and_matches_defaults() -> None:
 
 def test_precedence_file_then_env_then_set(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text("[batching]\nmax_wait_ms = 3\nmax_batch_size = 8\n")
+    path.write_text("[batching]\nmax_wait_s = 0.003\nmax_batch_size = 8\n")
     settings = load_settings(
         path,
-        env={"BATCHER_BATCHING__MAX_WAIT_MS": "4", "BATCHER_BATCHING__MAX_BATCH_SIZE": "16", "OTHER": "x"},
+        env={"BATCHER_BATCHING__MAX_WAIT_S": "0.004", "BATCHER_BATCHING__MAX_BATCH_SIZE": "16", "OTHER": "x"},
         overrides=["batching.max_batch_size=1"],
     )
-    assert settings.batching.max_wait_ms == 4.0
+    assert settings.batching.max_wait_s == 0.004
     assert settings.batching.max_batch_size == 1
 
 
@@ -43,7 +43,7 @@ def test_relative_model_path_resolves_against_config_dir(tmp_path: Path) -> None
         (["nope.key=1"], "unknown section [nope]"),
         (["batching.max_batch_size=0"], "batching.max_batch_size = 0 is out of range"),
         (["batching.max_batch_size=true"], "batching.max_batch_size = True must be of type int"),
-        (["batching.max_wait_ms=fast"], "batching.max_wait_ms = 'fast' must be of type float"),
+        (["batching.max_wait_s=fast"], "batching.max_wait_s = 'fast' must be of type float"),
         (["model.device=tpu"], "model.device = 'tpu' is not allowed; allowed values: 'auto', 'cpu', 'cuda'"),
         (["max_batch_size"], "expected section.key=value"),
         (['server.cors_allow_origins="app.example.com"'], "'app.example.com' is not an origin"),
@@ -87,7 +87,7 @@ def test_missing_and_invalid_files(tmp_path: Path) -> None:
 
 def test_describe_is_flat() -> None:
     flat = load_settings(None, env={}).describe()
-    assert flat["batching.max_wait_ms"] == "2.0"
+    assert flat["batching.max_wait_s"] == "0.002"
     assert flat["model.device"] == "auto"
 
 
@@ -96,3 +96,19 @@ def test_every_setting_is_in_the_shipped_config() -> None:
     flat = load_settings(None, env={}).describe()
     missing = [key for key in flat if f"\n{key.split('.')[1]} = " not in text]
     assert not missing, f"config.toml does not document {missing}"
+
+
+def test_millisecond_names_still_work_with_a_warning(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text("[batching]\nmax_wait_ms = 3\n")
+    with pytest.warns(FutureWarning) as warned:
+        settings = load_settings(path, env={"BATCHER_BATCHING__REQUEST_TIMEOUT_MS": "1500"})
+    assert [str(w.message) for w in warned] == [
+        f"{path}: batching.max_wait_ms is deprecated; use batching.max_wait_s = 0.003",
+        "environment BATCHER_BATCHING__REQUEST_TIMEOUT_MS: batching.request_timeout_ms is deprecated; "
+        "use batching.request_timeout_s = 1.5",
+    ]
+    assert settings.batching.max_wait_s == pytest.approx(0.003)
+    assert settings.batching.request_timeout_s == pytest.approx(1.5)
+    with pytest.raises(ConfigError, match="max_wait_ms = 'soon' must be a number"):
+        load_settings(None, env={}, overrides=["batching.max_wait_ms=soon"])

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 import pytest
 from aiohttp import web
 
-from loadtest.bench import free_port
+from bench.servers import free_port
 from loadtest.driver import Driver, Load, StepResult
 from loadtest.http import HttpClient
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import signal
 from pathlib import Path
 
-from loadtest.fuzz import SCHEMATHESIS, run_schemathesis
+from bench.fuzz import SCHEMATHESIS, run_schemathesis
 from tests.test_app import finish, start, wait_ready
 
 

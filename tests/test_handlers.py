@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from batcher.bundle import load_bundle
 from batcher.config import ModelSettings
-from batcher.dialogue import dialogue_text
-from batcher.handlers import SERVICE
+from batcher.handlers import MODELS
 from batcher.metrics import Metrics
-from batcher.model import OnnxModel, load_bundle
+from batcher.model import OnnxModel
 from batcher.schemas import BatchPredictResponse, ErrorResponse, PredictResponse
 from batcher.tokenization import TextEncoder
-from tests.conftest import FakeModel, FaultInjector, MakeClient
+from tests.conftest import FakeModel, FaultInjector, MakeClient, eventually
 from tests.tiny_model import LABELS
 
 ONE = {"turns": [{"speaker": "user", "text": "我们有空一起去看风景好不好"}]}
@@ -44,8 +44,7 @@ async def expect_error(response: Any, status: int, kind: str, field: str | None 
 def direct_prediction(bundle: Path, payload: dict[str, Any]) -> np.ndarray:
     """The tiny model run alone, in-process, on the same text: the reference for batched results."""
     encoder = TextEncoder.from_bundle(bundle, 128)
-    text = dialogue_text(((t.get("speaker", "user"), t["text"]) for t in payload["turns"]), 512)
-    ids = np.array([encoder.encode(text).ids])
+    ids = np.array([encoder.encode_dialogue((t.get("speaker", "user"), t["text"]) for t in payload["turns"]).ids])
     logits = OnnxModel(load_bundle(bundle), ModelSettings(intra_op_threads=1)).run(
         ids, np.ones_like(ids), np.zeros_like(ids)
     )[0]
@@ -214,16 +213,20 @@ async def test_queue_full_is_429_with_retry_after(make_client: MakeClient) -> No
     client = await make_client(
         "batching.max_batch_size=1",
         "batching.max_queue_size=2",
-        "batching.max_wait_ms=0",
+        "batching.max_wait_s=0",
         "batching.instances=1",
         model=model,
     )
     model.armed = True
     model.gate.clear()
-    admitted = []
-    for _ in range(4):  # one running, one staged behind it, two queued (max_queue_size)
+    batcher = client.app[MODELS].get().batcher
+    admitted = [asyncio.ensure_future(client.post("/predict", json=ONE))]
+    await model.started()  # one running
+    admitted.append(asyncio.ensure_future(client.post("/predict", json=ONE)))
+    await eventually(lambda: batcher.unanswered == 2)  # one staged behind it
+    for _ in range(2):  # two queued: max_queue_size
         admitted.append(asyncio.ensure_future(client.post("/predict", json=ONE)))
-        await asyncio.sleep(0.05)
+    await eventually(lambda: batcher.unanswered == 4)
     response = await client.post("/predict", json=ONE)
     await expect_error(response, 429, "queue_full")
     assert response.headers["Retry-After"] == "1"
@@ -234,7 +237,7 @@ async def test_queue_full_is_429_with_retry_after(make_client: MakeClient) -> No
 async def test_deadline_is_504(make_client: MakeClient) -> None:
     # FakeModel: the point is the deadline, the model is held on a gate.
     model = FakeModel()
-    client = await make_client("batching.request_timeout_ms=150", "batching.max_batch_size=1", model=model)
+    client = await make_client("batching.request_timeout_s=0.15", "batching.max_batch_size=1", model=model)
     model.armed = True
     model.gate.clear()
     response = await client.post("/predict", json=ONE)
@@ -253,7 +256,8 @@ async def test_model_fault_fails_only_its_batch_then_recovers(
     assert await asyncio.get_running_loop().run_in_executor(None, real_model.running.wait, 5)
     texts = ["播放周杰伦的歌", "明天北京天气怎么样", "把客厅的灯关掉"]
     later = [asyncio.ensure_future(client.post("/predict", json=turns(text))) for text in texts]
-    await asyncio.sleep(0.2)  # queued behind the held run
+    batcher = client.app[MODELS].get().batcher
+    await eventually(lambda: batcher.unanswered == 4)  # queued behind the held run
     real_model.steps.release()  # the first run goes on, and fails
     await expect_error(await first, 500, "model_error")
     assert (await client.get("/readyz")).status == 503  # the last run failed
@@ -269,7 +273,7 @@ async def test_model_fault_fails_only_its_batch_then_recovers(
 
 async def test_draining_answers_503(make_client: MakeClient) -> None:
     client = await make_client()
-    client.app[SERVICE].begin_drain()
+    client.app[MODELS].begin_drain()
     await expect_error(await client.post("/predict", json=ONE), 503, "shutting_down")
     await expect_error(await client.get("/readyz"), 503, "not_ready")
     assert (await client.get("/healthz")).status == 200
@@ -453,13 +457,14 @@ async def test_malformed_http_gets_a_short_json_400_and_the_connection_closed(
 
 
 async def test_hung_model_answers_504_and_reports_not_ready(make_client: MakeClient, real_model: FaultInjector) -> None:
-    client = await make_client("batching.request_timeout_ms=200", model=real_model)
+    client = await make_client("batching.request_timeout_s=0.2", model=real_model)
     real_model.hold.clear()  # the run hangs; the watchdog is the request deadline
     await expect_error(await client.post("/predict", json=ONE), 504, "deadline_exceeded")
-    await asyncio.sleep(0.1)
+    batcher = client.app[MODELS].get().batcher
+    await eventually(lambda: batcher.stalled)  # the held run is now older than the deadline
     await expect_error(await client.get("/readyz"), 503, "not_ready")
     real_model.hold.set()
-    await asyncio.sleep(0.1)
+    await eventually(lambda: batcher.unanswered == 0)  # the held run came back
     assert (await client.get("/readyz")).status == 200
     assert (await client.post("/predict", json=ONE)).status == 200
 

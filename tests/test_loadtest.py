@@ -10,12 +10,13 @@ from aiohttp.test_utils import TestServer
 
 from batcher.application import create_app
 from batcher.metrics import Metrics
+from bench.baselines.naive_server import ONNXPredictor, Turn
 from loadtest import report
-from loadtest.__main__ import build_parser, highest_within_slo, parse_loads, run_steps
-from loadtest.baselines.naive_server import ONNXPredictor, Turn
+from loadtest.__main__ import build_parser, parse_loads
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Load
 from loadtest.server_metrics import breakdown
+from loadtest.steps import highest_within_slo, run_steps
 from tests.conftest import MakeSettings
 
 

@@ -8,9 +8,11 @@ import numpy as np
 import onnx
 import pytest
 
+from batcher.bundle import load_bundle
 from batcher.config import ModelSettings
 from batcher.errors import BundleError, StartupError
-from batcher.model import CPU, OnnxModel, load_bundle, warm_up
+from batcher.model import CPU, OnnxModel
+from batcher.runtime import warm_up
 from tests.tiny_model import LABELS, build_bundle, build_graph
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from loadtest.bench import free_port
+from bench.servers import free_port
 from tests.test_app import ROOT, finish, start, wait_ready
 
 DEPLOY = ROOT / "deploy"

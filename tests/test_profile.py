@@ -1,27 +1,26 @@
-"""loadtest.profile: grouping py-spy's raw samples by thread and by part of the request path."""
+"""bench.profile: grouping py-spy's raw samples by thread and by part of the request path."""
 
 from __future__ import annotations
 
 import pytest
 
-from loadtest.profile import summarize
+from bench.profile import summarize
 
 MAIN = "<module> (app.py:118);run (uvloop/__init__.py:92);Runner.run (asyncio/runners.py:118)"
 WORKER = (
-    "Thread._bootstrap (threading.py:1002);_worker (concurrent/futures/thread.py:83);"
-    "Batcher._compute (batcher/batching.py:282)"
+    "Thread._bootstrap (threading.py:1002);Worker._serve (batcher/worker.py:140);Worker.compute (batcher/worker.py:160)"
 )
 RAW = "\n".join(
     [
         f"{MAIN} 40",  # in uvloop's C code
-        f"{MAIN};predict (batcher/handlers.py:72);Service.encode (batcher/service.py:91);"
+        f"{MAIN};predict (batcher/handlers.py:72);encode (batcher/handlers.py:95);"
         "TextEncoder.encode (batcher/tokenization.py:64) 20",
         f"{MAIN};predict (batcher/handlers.py:72);validate (batcher/schemas.py:129);"
         "BaseModel.model_validate (pydantic/main.py:792) 10",
         "RequestHandler.start (aiohttp/web_protocol.py:686);StreamWriter.__init__ (aiohttp/http_writer.py:79) 30",
         f"{WORKER};OnnxModel.run (batcher/model.py:120) 180",
-        f"{WORKER};pad_batch (batcher/batching.py:77) 20",
-        "Thread._bootstrap (threading.py:1002);_worker (concurrent/futures/thread.py:83) 5",
+        f"{WORKER};pad_batch (batcher/worker.py:60) 20",
+        "Thread._bootstrap (threading.py:1002);Worker._serve (batcher/worker.py:140) 5",
         "garbage without a count",
     ]
 )

@@ -1,11 +1,11 @@
-"""loadtest.reliability_md: each bound is judged from the run's own figures."""
+"""bench.reliability_md: each bound is judged from the run's own figures."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from loadtest.reliability_md import render
+from bench.reliability_md import render
 
 
 def step(p99_by_status: dict[str, float], statuses: dict[str, int], rps: float = 1000.0) -> dict[str, Any]:
@@ -29,7 +29,7 @@ def results(refused_p99_ms: float, *, lost: int = 0) -> dict[str, Any]:
     return {
         "date": "2026-11-26 04:00 UTC",
         "machine": "test machine",
-        "command": "python -m loadtest.reliability",
+        "command": "python -m bench.reliability",
         "overload": {
             "peak_rps": 1000.0,
             "spike": step({"200": 400.0, "429": refused_p99_ms}, {"200": 60_000, "429": 120_000}),

@@ -4,7 +4,7 @@ request), as in the old service guide. `--padding max` pads to max_seq_length (1
 the old server; `--padding dynamic` pads only to the request's own length, which
 separates the gain of dynamic padding from the gain of batching.
 
-    python -m loadtest.baselines.naive_server --model models/intent-zh --port 8001 [--padding dynamic]
+    python -m bench.baselines.naive_server --model models/intent-zh --port 8001 [--padding dynamic]
 """
 
 from __future__ import annotations

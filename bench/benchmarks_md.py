@@ -145,19 +145,19 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
             )
     lines += [
         "",
-        "![latency vs throughput](bench/latency_vs_throughput.png)",
+        "![latency vs throughput](bench/results/latency_vs_throughput.png)",
         "",
-        "![batch sizes](bench/batch_sizes.png)",
+        "![batch sizes](bench/results/batch_sizes.png)",
         "",
     ]
     if "tuning" in results:
         lines += [
-            "## Tuning: max_batch_size × max_wait_ms",
+            "## Tuning: max_batch_size × max_wait_s",
             "",
             f"Closed loop at 64 clients (throughput, p99) and open loop at {results['tuning_rate']:g} req/s "
             "(half of the defaults' 64-client throughput: p50, p99), each config its own server process. "
             "`layout` rows vary the thread layout at the default batching settings; `batching` rows vary "
-            "max_batch_size and max_wait_ms at the default layout. Model busy is summed over instances "
+            "max_batch_size and max_wait_s at the default layout. Model busy is summed over instances "
             "(2 instances fully busy = 200 %).",
             "",
             "| sweep | config | 64 clients req/s | 64 clients p99 ms | mean batch | model busy "
@@ -173,7 +173,7 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
                 f"| {opened['p50_ms']:.2f} | {opened['p99_ms']:.1f} |"
             )
         lines.append("")
-    lines += ["Raw figures: `bench/results.json`.", ""]
+    lines += ["Raw figures: `bench/results/results.json`.", ""]
     return "\n".join(lines)
 
 

@@ -1,12 +1,12 @@
-"""The benchmark behind BENCHMARKS.md: `make bench` (or `python -m loadtest.bench`).
+"""The benchmark behind BENCHMARKS.md: `make bench` (or `python -m bench`).
 
 One run, one machine, one corpus, one client, servers one at a time:
 1. the ceiling: the bundled model called in-process through ONNX Runtime on pre-tokenized
    corpus batches, best over batch sizes and thread layouts;
 2. batcher with its defaults; 3. batcher with batching.max_batch_size=1;
-4. the old design (loadtest/baselines/naive_server.py) padded to 128, and padded to each
+4. the old design (bench/baselines/naive_server.py) padded to 128, and padded to each
    request's own length;
-5. a tuning sweep over max_batch_size x max_wait_ms;
+5. a tuning sweep over max_batch_size x max_wait_s;
 6. where the time goes: py-spy attached to batcher (defaults) through a 64-client step.
 Each server gets a closed-loop step at 64 clients and an open-loop sweep; batcher also a
 closed-loop step at 1 client. Figures are written with the machine, command and date.
@@ -15,15 +15,10 @@ closed-loop step at 1 client. Figures are written with the machine, command and 
 from __future__ import annotations
 
 import argparse
-import datetime
 import itertools
 import json
 import os
-import platform
 import shlex
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,13 +31,12 @@ import numpy as np
 import uvloop
 
 from batcher.config import load_settings
-from loadtest import profile
-from loadtest.__main__ import highest_within_slo, run_steps
+from bench import profile
+from bench.servers import MODEL, ROOT, Server, batcher_server, naive_server, provenance
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Load
+from loadtest.steps import highest_within_slo, run_steps
 
-ROOT = Path(__file__).resolve().parent.parent
-MODEL = ROOT / "models" / "intent-zh"
 SLO_P99_MS = 50.0
 LAYOUTS = (("1 session x 2 threads", 1, 2), ("2 sessions x 1 thread", 2, 1), ("1 session x 1 thread", 1, 1))
 CEILING_BATCH_SIZES = (1, 8, 32, 64)
@@ -64,85 +58,15 @@ TUNING_LAYOUTS = (
 )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """A server process on loopback, started and stopped around a set of steps."""
-
-    def __init__(self, name: str, args: list[str]) -> None:
-        self.name = name
-        self.port = free_port()
-        self.args = [a.replace("{port}", str(self.port)) for a in args]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHER_")}
-        self.process = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise SystemExit(
-                    f"bench: {self.name} exited: {self.process.stderr.read().decode() if self.process.stderr else ''}"
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.1)
-        raise SystemExit(f"bench: {self.name} did not start")
-
-    def __exit__(self, *exc: object) -> None:
-        assert self.process is not None
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        if self.process.stderr:
-            self.process.stderr.close()
-
-
-def batcher_server(name: str, *overrides: str) -> Server:
-    args = [sys.executable, "app.py", "--host", "127.0.0.1", "--port", "{port}", "--set", 'server.log_level="warning"']
-    for item in overrides:
-        args += ["--set", item]
-    return Server(name, args)
-
-
-def naive_server(name: str, padding: str) -> Server:
-    return Server(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "loadtest.baselines.naive_server",
-            "--model",
-            str(MODEL),
-            "--port",
-            "{port}",
-            "--padding",
-            padding,
-        ],
-    )
-
-
 def ceiling(corpus: Corpus, seconds: float) -> dict[str, Any]:
     """Best in-process sequences/s over batch sizes and thread layouts."""
     import onnxruntime as ort
 
-    from batcher.batching import pad_batch
-    from batcher.dialogue import dialogue_text
     from batcher.tokenization import TextEncoder
+    from batcher.worker import pad_batch
 
     encoder = TextEncoder.from_bundle(MODEL, 128)
-    rows = [
-        encoder.encode(dialogue_text(((t["speaker"], t["text"]) for t in d["turns"]), 512)) for d in corpus.dialogues
-    ]
+    rows = [encoder.encode_dialogue((t["speaker"], t["text"]) for t in d["turns"]) for d in corpus.dialogues]
 
     def session(threads: int) -> Any:
         options = ort.SessionOptions()
@@ -259,14 +183,14 @@ async def profile_batcher(corpus: Corpus, args: argparse.Namespace) -> dict[str,
 
 
 async def tuning(corpus: Corpus, args: argparse.Namespace, rate: float) -> list[dict[str, Any]]:
-    """Thread layouts at the default batching settings, then max_batch_size x max_wait_ms at the
+    """Thread layouts at the default batching settings, then max_batch_size x max_wait_s at the
     default layout; each config a fresh server, a 64-client step and an open-loop step at `rate`."""
     configs: list[tuple[str, str, tuple[str, ...]]] = [("layout", label, o) for label, o in TUNING_LAYOUTS]
     configs += [
         (
             "batching",
-            f"max_batch_size={size} max_wait_ms={wait}",
-            (f"batching.max_batch_size={size}", f"batching.max_wait_ms={wait}"),
+            f"max_batch_size={size} max_wait_s={wait / 1000:g}",
+            (f"batching.max_batch_size={size}", f"batching.max_wait_s={wait / 1000}"),
         )
         for size in TUNING_BATCH_SIZES
         for wait in TUNING_WAITS_MS
@@ -290,39 +214,11 @@ async def tuning(corpus: Corpus, args: argparse.Namespace, rate: float) -> list[
     return rows
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, no GPU, Python {platform.python_version()}"
-
-
-def commit() -> str:
-    """The checked-out commit, short form (empty outside a git checkout)."""
-    found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return found.stdout.strip()
-
-
-def provenance() -> dict[str, str]:
-    """When, where and at which commit a run measured: the head of every figures file."""
-    return {
-        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine(),
-        "commit": commit(),
-    }
-
-
 def header(args: argparse.Namespace, corpus: Corpus) -> dict[str, Any]:
     return {
         **provenance(),
         "cores": os.cpu_count() or 1,
-        "command": "make bench  # python -m loadtest.bench " + shlex.join(sys.argv[1:]),
+        "command": "make bench  # python -m bench " + shlex.join(sys.argv[1:]),
         "defaults": {
             key: value
             for key, value in load_settings(ROOT / "config.toml", env={}).describe().items()
@@ -369,15 +265,15 @@ def main() -> None:
     parser.add_argument("--ceiling-seconds", type=float, default=1.5, help="seconds per in-process measurement")
     parser.add_argument("--seed", type=int, default=1, help="corpus order and arrivals")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL corpus (default: test split)")
-    parser.add_argument("--skip-tuning", action="store_true", help="skip the max_batch_size x max_wait_ms sweep")
+    parser.add_argument("--skip-tuning", action="store_true", help="skip the max_batch_size x max_wait_s sweep")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("--out", type=Path, default=ROOT, help="where BENCHMARKS.md and bench/ go")
+    parser.add_argument("--out", type=Path, default=ROOT, help="where BENCHMARKS.md and bench/results/ go")
     args = parser.parse_args()
     results = uvloop.run(bench(args, header(args, Corpus(args.corpus, seed=args.seed))))
-    out_dir = args.out / "bench"
+    out_dir = args.out / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    from loadtest.benchmarks_md import render
+    from bench.benchmarks_md import render
 
     (args.out / "BENCHMARKS.md").write_text(render(results, out_dir), encoding="utf-8")
     print(f"wrote {args.out / 'BENCHMARKS.md'} and {out_dir}/", file=sys.stderr)

@@ -22,10 +22,10 @@ LOOP_PARTS = (
     ("validation (pydantic)", ("pydantic/", "batcher/schemas.py")),
     ("metrics (prometheus_client)", ("prometheus_client/", "batcher/metrics.py")),
     ("batch selection (take_batch)", ("batcher/queue.py",)),
-    ("batcher coroutine and futures", ("batcher/batching.py",)),
+    ("batcher coroutine and futures", ("batcher/batching.py", "batcher/policy.py", "batcher/worker.py")),
     (
         "handlers, middleware, rendering",
-        ("batcher/handlers.py", "batcher/middleware.py", "batcher/service.py", "batcher/dialogue.py"),
+        ("batcher/handlers.py", "batcher/middleware.py", "batcher/runtime.py", "batcher/dialogue.py"),
     ),
     ("aiohttp: parsing, request and response objects, writes", ("aiohttp/",)),
     ("uvloop and asyncio: socket I/O, polling, callbacks (C)", ("asyncio/", "uvloop/")),
@@ -36,7 +36,7 @@ WORKER_PARTS = (
     ("padding (numpy)", ("pad_batch",)),
     ("softmax (numpy)", ("softmax",)),
 )
-WORKER_MARK = "Batcher._compute"
+WORKER_MARK = "Worker.compute"
 
 
 def py_spy() -> str | None:

@@ -27,22 +27,15 @@ from typing import Any
 import aiohttp
 import uvloop
 
-from loadtest.__main__ import run_steps
-from loadtest.bench import ROOT, batcher_server, provenance
+from bench.servers import ROOT, batcher_server, provenance, rss_bytes
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Driver, Load
 from loadtest.http import HttpClient
 from loadtest.server_metrics import scrape
+from loadtest.steps import run_steps
 
 OUT = ROOT / "reliability"
 DRAIN_LOG = re.compile(r"SIGTERM: draining \d+ unanswered requests \(monotonic ([0-9.]+)\)")
-
-
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 async def sample_rss(pid: int, samples: list[tuple[float, int]], stop: asyncio.Event) -> None:
@@ -267,7 +260,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     corpus = Corpus(args.corpus, seed=1)
     results: dict[str, Any] = {
         **provenance(),
-        "command": "python -m loadtest.reliability " + " ".join(sys.argv[1:]),
+        "command": "python -m bench.reliability " + " ".join(sys.argv[1:]),
     }
     print("overload…", file=sys.stderr)
     results["overload"] = await overload(corpus, args)
@@ -311,12 +304,12 @@ def main() -> None:
     ]
     if args.fuzz_examples:
         print("fuzzing…", file=sys.stderr)
-        from loadtest.fuzz import fuzz
+        from bench.fuzz import fuzz
 
         results["fuzz"] = fuzz(args.fuzz_examples)
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
-    from loadtest.reliability_md import render
+    from bench.reliability_md import render
 
     (ROOT / "RELIABILITY.md").write_text(render(results, OUT), encoding="utf-8")
     print("wrote RELIABILITY.md and reliability/", file=sys.stderr)

@@ -3,7 +3,7 @@
 Every operation, fixed seed, all checks (no server errors, responses conform to their
 schemas, every status documented, invalid data rejected, valid data accepted).
 
-    python -m loadtest.fuzz [--examples 3000] [--seed 20261125] [--url http://127.0.0.1:8000]
+    python -m bench.fuzz [--examples 3000] [--seed 20261125] [--url http://127.0.0.1:8000]
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ def run_schemathesis(url: str, examples: int, seed: int) -> dict[str, Any]:
 
 def fuzz(examples: int, seed: int = 20261125) -> dict[str, Any]:
     """Start batcher (shipped config, bundled model) and fuzz it."""
-    from loadtest.bench import batcher_server
+    from bench.servers import batcher_server
 
     with batcher_server("batcher (defaults)") as server:
         return run_schemathesis(server.url, examples, seed)

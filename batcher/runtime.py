@@ -1,0 +1,155 @@
+"""What the HTTP layer serves: a `Runtime` per loaded, warm model, held by `Models`.
+
+`load_runtime` builds a Runtime whole (bundle, tokenizer, session, warm-up, batcher) and it
+never changes afterwards: handlers only read it. `Models` holds the runtimes by name and
+the server's draining state, and drains them all in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+
+from batcher.batching import Batcher
+from batcher.bundle import ModelBundle, load_bundle
+from batcher.config import Settings
+from batcher.errors import Draining, NotReady
+from batcher.metrics import Metrics
+from batcher.model import OnnxModel
+from batcher.tokenization import TextEncoder
+from batcher.worker import Model, Worker
+
+log = logging.getLogger(__name__)
+WARMUP_BATCH_SIZES = (1, 4)
+WARMUP_LENGTHS = (8, 32)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """One model, loaded and warm, with the tokenizer and batcher that serve it."""
+
+    name: str
+    bundle: ModelBundle
+    encoder: TextEncoder
+    batcher: Batcher
+    provider: str
+
+    @property
+    def labels(self) -> list[str]:
+        return self.bundle.labels
+
+    @property
+    def version(self) -> str:
+        """The graph file's content hash, shortened."""
+        return self.bundle.sha256[:12]
+
+    @property
+    def ready(self) -> bool:
+        """Admitting, its loop alive, its last run good, and no run hung past the deadline."""
+        batcher = self.batcher
+        return batcher.accepting and batcher.alive and not batcher.last_run_failed and not batcher.stalled
+
+
+async def load_runtime(settings: Settings, metrics: Metrics, *, model: Model | None = None) -> Runtime:
+    """Load, check and warm the configured model, then start its batcher. `model` replaces
+    the bundle's ONNX session (tests about timing use a fake)."""
+    loop = asyncio.get_running_loop()
+    bundle = await loop.run_in_executor(None, load_bundle, settings.model_dir, settings.model.file)
+    encoder = await loop.run_in_executor(None, TextEncoder.from_bundle, bundle.directory, settings.model.max_seq_len)
+    if model is None:
+        model = await loop.run_in_executor(None, OnnxModel, bundle, settings.model)
+    name = settings.model.name or bundle.name
+    log.info("model %s (sha256 %s) runs on %s", name, bundle.sha256[:12], model.provider)
+    warm = partial(
+        warm_up,
+        model,
+        pad_id=encoder.pad_id,
+        batch_sizes=sorted({*WARMUP_BATCH_SIZES, settings.batching.max_batch_size}),
+        lengths=sorted({*WARMUP_LENGTHS, settings.model.max_seq_len}),
+        runs=settings.model.warmup_runs,
+    )
+    await loop.run_in_executor(None, warm)
+    batching = settings.batching
+    worker = Worker(
+        model,
+        instances=batching.instances,
+        pad_id=encoder.pad_id,
+        num_labels=len(bundle.labels),
+        sched_idle=batching.worker_sched_idle,
+        nice=batching.worker_nice,
+    )
+    batcher = Batcher(worker, settings=batching, metrics=metrics)
+    metrics.describe_model(
+        {
+            "name": name,
+            "sha256": bundle.sha256[:12],
+            "provider": model.provider,
+            "labels": str(len(bundle.labels)),
+            **settings.describe(),
+        }
+    )
+    batcher.start()
+    return Runtime(name, bundle, encoder, batcher, model.provider)
+
+
+def warm_up(model: Model, *, pad_id: int, batch_sizes: list[int], lengths: list[int], runs: int) -> None:
+    """Run every batch size x length so kernels and memory arenas are ready before traffic."""
+    for _ in range(runs):
+        for rows in batch_sizes:
+            for length in lengths:
+                ids = np.full((rows, length), pad_id + 1, dtype=np.int64)
+                model.run(ids, np.ones_like(ids), np.zeros_like(ids))
+
+
+class Models:
+    """The runtimes being served, by name, and whether the server is draining."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+        self._runtimes: dict[str, Runtime] = {}
+        self.default: str | None = None
+        self.draining = False
+
+    def add(self, runtime: Runtime) -> None:
+        """Serve `runtime`; the first one added is the default model."""
+        self._runtimes[runtime.name] = runtime
+        if self.default is None:
+            self.default = runtime.name
+        self._metrics.ready.set(int(self.ready))
+
+    def find(self, name: str | None = None) -> Runtime | None:
+        """The named runtime (the default one without a name), or None if not loaded."""
+        return self._runtimes.get(name or self.default or "")
+
+    def get(self, name: str | None = None) -> Runtime:
+        """The runtime to predict with, or 503 while loading or draining."""
+        if self.draining:
+            raise Draining()
+        runtime = self.find(name)
+        if runtime is None:
+            raise NotReady()
+        return runtime
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and bool(self._runtimes) and all(r.ready for r in self._runtimes.values())
+
+    @property
+    def unanswered(self) -> int:
+        return sum(runtime.batcher.unanswered for runtime in self._runtimes.values())
+
+    def begin_drain(self) -> None:
+        """Readiness drops and new predictions get 503 from now on; queued work runs at once."""
+        self.draining = True
+        self._metrics.ready.set(0)
+        for runtime in self._runtimes.values():
+            runtime.batcher.begin_drain()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Answer everything admitted within `timeout_s` (503 for what is left then), stop the workers."""
+        self.begin_drain()
+        await asyncio.gather(*(runtime.batcher.close(timeout_s) for runtime in self._runtimes.values()))

@@ -1,0 +1,175 @@
+"""How a batch runs: the `Model` protocol, padding, the worker threads and their watchdog.
+
+The batcher hands a formed batch to `Worker.run`; a worker thread drops the rows that died
+while the batch was staged, pads the rest to the batch's longest row, calls the model
+once, applies the softmax and posts a `RunResult` (or the exception) back to the loop.
+The worker knows nothing about when batches form; the batcher nothing about how they run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from batcher.queue import Pending
+from batcher.tokenization import Encoded
+
+log = logging.getLogger(__name__)
+
+
+class Model(Protocol):
+    """What the worker needs from a model: one call per padded batch."""
+
+    provider: str
+
+    def run(self, input_ids: np.ndarray, attention_mask: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        """Logits of shape (rows, labels) for int64 inputs of shape (rows, longest)."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class RunResult:
+    """One model run's outcome, for the rows of its batch that were still alive."""
+
+    probabilities: np.ndarray
+    rows: list[int]
+    """Indices into the batch that were computed (the rest died while staged)."""
+    started: float
+    finished: float
+    """perf_counter() at the start and end of the model call."""
+    real_tokens: int
+    padded_tokens: int
+
+
+Done = Callable[[list[Pending], "RunResult | BaseException"], None]
+
+
+def pad_batch(rows: Sequence[Encoded], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pad rows to the batch's longest: input_ids, attention_mask, token_type_ids (int64)."""
+    longest = max(len(row) for row in rows)
+    ids = np.full((len(rows), longest), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), longest), dtype=np.int64)
+    types = np.zeros((len(rows), longest), dtype=np.int64)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = row.ids
+        mask[index, : len(row)] = 1
+        types[index, : len(row)] = row.type_ids
+    return ids, mask, types
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    result: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
+    return result
+
+
+def lower_priority(sched_idle: bool, nice: int) -> None:
+    """Put the calling thread under SCHED_IDLE, or else give it a niceness (Linux schedules
+    threads: both apply to the calling thread only, and a thread id works as a process id)."""
+    if sched_idle and hasattr(os, "sched_setscheduler"):
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except OSError:
+            log.warning("cannot put the model threads under SCHED_IDLE; falling back to niceness %d", nice)
+    if nice and hasattr(os, "setpriority"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        except OSError:
+            log.warning("cannot lower the model threads' priority; the event loop may be starved under load")
+
+
+class Worker:
+    """`instances` threads sharing one model, fed from one job queue.
+
+    The threads are daemons: a model run that never returns cannot keep the process from
+    exiting (a ThreadPoolExecutor's threads are joined at interpreter exit)."""
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        instances: int,
+        pad_id: int,
+        num_labels: int,
+        sched_idle: bool = True,
+        nice: int = 0,
+    ) -> None:
+        self.model = model
+        self.instances = instances
+        self._pad_id = pad_id
+        self._num_labels = num_labels
+        self._jobs: queue.SimpleQueue[tuple[list[Pending], Done] | None] = queue.SimpleQueue()
+        self._runs_started: dict[int, float] = {}  # thread id -> perf_counter() at run start
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._threads = [
+            threading.Thread(target=self._serve, args=(sched_idle, nice), name=f"model-{index}", daemon=True)
+            for index in range(instances)
+        ]
+        self._closed = False
+
+    def start(self) -> None:
+        """Start the threads; results are posted to the running loop."""
+        self._loop = asyncio.get_running_loop()
+        for thread in self._threads:
+            thread.start()
+
+    def run(self, batch: list[Pending], done: Done) -> None:
+        """Queue `batch` for the next free thread; `done(batch, result or error)` is called on the loop."""
+        self._jobs.put((batch, done))
+
+    def longest_run_s(self) -> float:
+        """How long the oldest model call still in progress has run (0 when none is)."""
+        started = list(self._runs_started.values())
+        return time.perf_counter() - min(started) if started else 0.0
+
+    def close(self) -> None:
+        """Threads finish the run they are in and exit; queued jobs are dropped. Does not wait."""
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _serve(self, sched_idle: bool, nice: int) -> None:
+        lower_priority(sched_idle, nice)
+        while (job := self._jobs.get()) is not None:
+            if self._closed:
+                continue
+            batch, done = job
+            outcome: RunResult | BaseException
+            try:
+                outcome = self.compute(batch)
+            except Exception as error:
+                outcome = error
+            assert self._loop is not None
+            try:
+                self._loop.call_soon_threadsafe(done, batch, outcome)
+            except RuntimeError:  # the loop closed while this run was in progress
+                return
+
+    def compute(self, batch: list[Pending]) -> RunResult:
+        """Drop rows that died while staged, pad, run the model, softmax (on a worker thread)."""
+        # Reading a future's state from this thread is a single attribute read; a row
+        # that dies right after this check is computed and its result discarded.
+        rows = [index for index, entry in enumerate(batch) if not entry.future.done()]
+        started = time.perf_counter()
+        if not rows:
+            return RunResult(np.empty((0, self._num_labels), np.float32), rows, started, started, 0, 0)
+        ids, mask, types = pad_batch([batch[index].encoded for index in rows], self._pad_id)
+        thread = threading.get_ident()
+        self._runs_started[thread] = started
+        try:
+            logits = np.asarray(self.model.run(ids, mask, types), dtype=np.float32)
+        finally:
+            del self._runs_started[thread]
+        if logits.shape != (len(rows), self._num_labels):
+            raise ValueError(f"model returned logits of shape {logits.shape}, expected {(len(rows), self._num_labels)}")
+        return RunResult(softmax(logits), rows, started, time.perf_counter(), int(mask.sum()), mask.size)

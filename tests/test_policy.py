@@ -1,0 +1,95 @@
+"""WaitPolicy: when a batch forms, from explicit times only (no clock, no sleeping)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from batcher.policy import COMPANY_PROBE_EVERY, NOW, QueueState, WaitPolicy
+
+
+def state(
+    queued: int = 1, *, full: bool = False, oldest: float = 0.0, inflight: int = 0, closing: bool = False
+) -> QueueState:
+    return QueueState(queued=queued, full=full, oldest=oldest, inflight=inflight, closing=closing)
+
+
+def dense(policy: WaitPolicy, gap_s: float = 0.001, arrivals: int = 10) -> None:
+    for index in range(arrivals):
+        policy.arrived(index * gap_s)
+
+
+def test_an_empty_queue_sleeps_until_woken() -> None:
+    assert WaitPolicy(max_wait_s=0.002, instances=2).next_wait(state(0), now=1.0) == math.inf
+
+
+def test_a_full_batch_runs_at_once() -> None:
+    policy = WaitPolicy(max_wait_s=0.002, instances=2)
+    dense(policy)
+    assert policy.next_wait(state(32, full=True), now=0.0) is NOW
+
+
+def test_no_wait_configured_means_run_at_once() -> None:
+    policy = WaitPolicy(max_wait_s=0, instances=2)
+    dense(policy)
+    assert policy.next_wait(state(1), now=0.0) is NOW
+
+
+def test_the_first_arrival_has_no_gap_estimate_and_runs_at_once() -> None:
+    policy = WaitPolicy(max_wait_s=0.002, instances=2)
+    policy.arrived(5.0)
+    assert policy.next_wait(state(1, oldest=5.0), now=5.0) is NOW
+
+
+def test_dense_arrivals_wait_out_the_window_from_the_oldest() -> None:
+    policy = WaitPolicy(max_wait_s=0.010, instances=2)
+    dense(policy, gap_s=0.001)
+    assert policy.next_wait(state(1, oldest=1.000), now=1.004) == pytest.approx(0.006)
+
+
+def test_sparse_arrivals_do_not_wait() -> None:
+    policy = WaitPolicy(max_wait_s=0.010, instances=2)
+    dense(policy, gap_s=0.5)
+    assert policy.next_wait(state(1, oldest=10.0), now=10.0) is NOW
+
+
+def test_the_window_closes_at_max_wait() -> None:
+    policy = WaitPolicy(max_wait_s=0.010, instances=2)
+    dense(policy)
+    assert policy.next_wait(state(3, oldest=1.0), now=1.011) is NOW
+
+
+def test_busy_instances_take_one_staged_full_batch_only() -> None:
+    policy = WaitPolicy(max_wait_s=0.002, instances=2)
+    assert policy.next_wait(state(5, inflight=2), now=0.0) == math.inf  # not full: wait for a free instance
+    assert policy.next_wait(state(32, full=True, inflight=2), now=0.0) is NOW  # staged behind the busy ones
+    assert policy.next_wait(state(32, full=True, inflight=3), now=0.0) == math.inf  # one staged already
+
+
+def test_closing_never_waits_for_company() -> None:
+    policy = WaitPolicy(max_wait_s=10.0, instances=2)
+    dense(policy)
+    assert policy.next_wait(state(1, closing=True), now=0.0) is NOW
+
+
+def test_waits_that_never_find_company_stop_except_for_probes() -> None:
+    """A fast lone closed-loop client: short gaps, but every wait ends with one request."""
+    policy = WaitPolicy(max_wait_s=0.040, instances=2)
+    dense(policy, gap_s=0.002)
+    decisions = []
+    for _ in range(4 * COMPANY_PROBE_EVERY):
+        wait = policy.next_wait(state(1, oldest=0.0), now=0.0)
+        decisions.append(wait is not NOW)
+        policy.formed(1)  # the batch formed with this request alone
+    assert decisions[:3] == [True, True, True]  # it waits at first: company was expected
+    later = decisions[2 * COMPANY_PROBE_EVERY :]
+    assert 1 <= sum(later) <= 3  # then only the periodic probe waits
+
+
+def test_waits_that_find_company_keep_waiting() -> None:
+    policy = WaitPolicy(max_wait_s=0.040, instances=2)
+    dense(policy, gap_s=0.002)
+    for _ in range(3 * COMPANY_PROBE_EVERY):
+        assert policy.next_wait(state(1, oldest=0.0), now=0.0) is not NOW
+        policy.formed(4)
