@@ -21,7 +21,7 @@ from aiohttp import web
 
 from batcher.application import create_app, create_metrics_app, drain, install_log_filters, server_options
 from batcher.config import Settings, load_settings
-from batcher.errors import StartupError
+from batcher.errors import StartupCancelled, StartupError
 from batcher.handlers import MODELS
 
 log = logging.getLogger("batcher")
@@ -68,6 +68,30 @@ def settings_from(args: argparse.Namespace) -> Settings:
 
 async def serve(settings: Settings) -> None:
     app = create_app(settings)
+    models = app[MODELS]
+    stop = asyncio.Event()
+    drain_started = 0.0
+
+    def on_signal(signum: signal.Signals) -> None:
+        """Drain at once, in the signal's own callback, so no request read after it is admitted."""
+        nonlocal drain_started
+        if signum == signal.SIGHUP:
+            log.warning("SIGHUP: this version has nothing to reload; ignored (SIGTERM or SIGINT stop the server)")
+            return
+        if stop.is_set():
+            return
+        drain_started = time.monotonic()
+        models.begin_drain()
+        stop.set()
+        # The monotonic clock is system-wide on Linux: a load generator can compare its own
+        # send times with it to tell requests sent before the drain from those after.
+        log.info("%s: draining %d unanswered requests (monotonic %.6f)", signum.name, models.unanswered, drain_started)
+
+    # Handlers first: a signal during start-up then stops loading between steps and warm-up
+    # runs, and the process exits 0 instead of being killed halfway.
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        loop.add_signal_handler(signum, on_signal, signum)
     runner = web.AppRunner(
         app,
         handle_signals=False,
@@ -75,7 +99,11 @@ async def serve(settings: Settings) -> None:
         shutdown_timeout=RESPONSE_GRACE_S,
         **server_options(settings),
     )
-    await runner.setup()  # loads, checks and warms the model; raises StartupError
+    try:
+        await runner.setup()  # loads, checks and warms the model; raises StartupError
+    except StartupCancelled:
+        log.info("stopped during start-up")
+        return
     tune_gc()
     raise_open_file_limit()
     site = web.TCPSite(runner, settings.server.host, settings.server.port, backlog=settings.server.backlog)
@@ -87,26 +115,6 @@ async def serve(settings: Settings) -> None:
         await web.TCPSite(metrics_runner, settings.server.host, settings.server.metrics_port).start()
         log.info("metrics on http://%s:%d/metrics", settings.server.host, settings.server.metrics_port)
     log.info("serving on http://%s:%d (POST /predict, docs at /docs)", settings.server.host, settings.server.port)
-    models = app[MODELS]
-    stop = asyncio.Event()
-    drain_started = 0.0
-
-    def on_signal(signum: signal.Signals) -> None:
-        """Drain at once, in the signal's own callback, so no request read after it is admitted."""
-        nonlocal drain_started
-        if stop.is_set():
-            return
-        drain_started = time.monotonic()
-        models.begin_drain()
-        stop.set()
-        unanswered = models.unanswered
-        # The monotonic clock is system-wide on Linux: a load generator can compare its own
-        # send times with it to tell requests sent before the drain from those after.
-        log.info("%s: draining %d unanswered requests (monotonic %.6f)", signum.name, unanswered, drain_started)
-
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, on_signal, signum)
     await stop.wait()
     await drain(app)  # the listener stays open meanwhile: newcomers get a 503, not a refused connection
     await runner.cleanup()

@@ -16,16 +16,15 @@ from typing import Any
 import aiohttp_cors
 from aiohttp import web, web_protocol
 from aiohttp.http_exceptions import HttpProcessingError
-from swagger_ui_bundle import swagger_ui_path
 
-from batcher import __version__, handlers
-from batcher.auth import load_tokens
+from batcher import __version__, docs, handlers
+from batcher.auth import Access, load_tokens
 from batcher.config import Settings
-from batcher.errors import HTTPError, InternalError, MalformedHTTP, snippet
-from batcher.handlers import METRICS, MODELS, OPENAPI, SERVICE_TITLE, SETTINGS, TIMING_HEADERS, TOKENS
+from batcher.errors import HTTPError, InternalError, MalformedHTTP, loggable, snippet
+from batcher.handlers import ACCESS, METRICS, MODELS, OPENAPI, SERVICE_TITLE, SETTINGS, TIMING_HEADERS
 from batcher.metrics import Metrics
 from batcher.middleware import REQUEST_ID, observe
-from batcher.openapi import SWAGGER_PAGE, build_openapi
+from batcher.openapi import build_openapi
 from batcher.runtime import Models, load_runtime
 from batcher.worker import Model
 
@@ -39,23 +38,24 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, model: Mod
     app[SETTINGS] = settings
     app[METRICS] = metrics = metrics or Metrics()
     app[MODELS] = Models(metrics)
-    app[TOKENS] = load_tokens(settings.server.auth_tokens_file, settings.server.auth_tokens_env, settings.base_dir)
-    if app[TOKENS]:
-        log.info("bearer-token auth on the predict routes: %d token(s)", len(app[TOKENS]))
-    app[OPENAPI] = build_openapi(SERVICE_TITLE, __version__)
+    server = settings.server
+    tokens = load_tokens(server.auth_tokens_file, server.auth_tokens_env, settings.base_dir)
+    if tokens:
+        log.info("bearer-token auth on the predict routes: %d token(s)", len(tokens))
+    app[ACCESS] = Access(tokens, frozenset(server.cors_origins))
+    app[OPENAPI] = build_openapi(SERVICE_TITLE, __version__, server)
     app.router.add_get("/", handlers.index)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/intents", handlers.intents)
     app.router.add_post("/predict", handlers.predict)
     app.router.add_post("/predict/batch", handlers.predict_batch)
-    server = settings.server
     if server.expose_metrics and not server.metrics_port:
         app.router.add_get("/metrics", handlers.metrics)
     if server.expose_docs:
         app.router.add_get("/openapi.json", handlers.openapi)
-        app.router.add_get("/docs", docs)
-        app.router.add_static("/docs/static", swagger_ui_path)
+        app.router.add_get("/docs", docs.page)
+        app.router.add_get("/docs/static/{name}", docs.asset)
     if server.cors_origins:
         enable_cors(app, server.cors_origins, max_age_s=server.cors_max_age_s)
     app.cleanup_ctx.append(partial(lifecycle, model=model))
@@ -91,17 +91,17 @@ def server_options(settings: Settings) -> dict[str, Any]:
 
 class MalformedRequestFilter(logging.Filter):
     """aiohttp logs a full traceback at ERROR for every malformed HTTP message a client sends
-    (answered 400 by aiohttp itself); make that one warning line, so a fuzzer or attacker
-    cannot fill the log with tracebacks."""
+    (answered 400 by aiohttp itself), and for a body it could not decode; make that one
+    warning line, so a fuzzer or attacker cannot fill the log with tracebacks."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        if isinstance(error, HttpProcessingError):
+        if isinstance(error, HttpProcessingError | web_protocol.RequestPayloadError):
             record.exc_info = None
             record.exc_text = None
             record.levelno, record.levelname = logging.WARNING, "WARNING"
             record.msg = "malformed HTTP request answered 400: %s"
-            record.args = (" ".join(str(error).split())[:200],)
+            record.args = (loggable(" ".join(str(error).split())),)
         return True
 
 
@@ -151,18 +151,15 @@ def create_metrics_app(main: web.Application) -> web.Application:
     app[SETTINGS] = main[SETTINGS]
     app[METRICS] = main[METRICS]
     app[MODELS] = main[MODELS]
-    app[TOKENS] = ()
+    app[ACCESS] = Access()
     app.router.add_get("/metrics", handlers.metrics)
     return app
 
 
-async def docs(request: web.Request) -> web.Response:
-    return web.Response(text=SWAGGER_PAGE, content_type="text/html")
-
-
 async def lifecycle(app: web.Application, *, model: Model | None) -> AsyncIterator[None]:
     """Load and warm the model before the server listens; stop its workers at the very end."""
-    app[MODELS].add(await load_runtime(app[SETTINGS], app[METRICS], model=model))
+    models = app[MODELS]
+    models.add(await load_runtime(app[SETTINGS], app[METRICS], model=model, cancelled=lambda: models.draining))
     try:
         yield
     finally:

@@ -1,12 +1,14 @@
-"""Bearer-token authentication for the predict routes: where tokens come from, and the check."""
+"""Who may call the predict routes: bearer tokens (where they come from, and the check) and
+the browser origins allowed to call cross-origin."""
 
 from __future__ import annotations
 
 import hmac
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
-from batcher.errors import StartupError, Unauthorized
+from batcher.errors import CORSForbidden, StartupError, Unauthorized, snippet
 
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="batcher"'}
 
@@ -26,6 +28,28 @@ def load_tokens(tokens_file: str, tokens_env: str, base_dir: Path) -> tuple[byte
     if tokens_file and not tokens:
         raise StartupError(f"server.auth_tokens_file {tokens_file} holds no tokens")
     return tuple(token.encode() for token in dict.fromkeys(tokens))
+
+
+@dataclass(frozen=True)
+class Access:
+    """The predict routes' gate: bearer tokens (none: no token needed) and origins."""
+
+    tokens: tuple[bytes, ...] = ()
+    origins: frozenset[str] = frozenset()
+    """Origins allowed cross-origin (server.cors_allow_origins); "*" allows any."""
+
+    def check(self, *, authorization: str | None, origin: str | None, host: str) -> None:
+        """401 without a valid token (when tokens are set); 403 for a browser request from
+        another origin that is not allowed. Browsers send a simple cross-origin POST
+        (text/plain) without a preflight, so refusing the preflight is not enough."""
+        allowed = origin is None or "*" in self.origins or origin in self.origins
+        same_origin = origin is not None and origin.partition("://")[2].lower() == host.lower()  # /docs' "try it out"
+        if not allowed and not same_origin:
+            raise CORSForbidden(
+                f"requests from origin {snippet(origin or '')} are not allowed (server.cors_allow_origins)"
+            )
+        if self.tokens:
+            authorize(self.tokens, authorization)
 
 
 def authorize(tokens: tuple[bytes, ...], header: str | None) -> None:

@@ -6,6 +6,10 @@ future. The batcher coroutine asks the `WaitPolicy` *when* to form a batch; the 
 When a run finishes the loop first wakes the batcher (so the next batch is handed over
 before anything else) and then settles the run's futures: each is resolved with its
 `Prediction` or failed with an `HTTPError`, and its deadline timer cancelled.
+
+After a failed run the batcher reports itself unready (a load balancer stops sending) and
+probes the model with a warm-up row until a run succeeds again, so readiness comes back
+without traffic.
 """
 
 from __future__ import annotations
@@ -19,7 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from batcher.config import BatchingSettings
-from batcher.errors import DeadlineExceeded, Draining, HTTPError, InternalError, ModelFailed, NotReady
+from batcher.errors import (
+    DeadlineExceeded,
+    Draining,
+    HTTPError,
+    InternalError,
+    ModelFailed,
+    NotReady,
+    PayloadTooLarge,
+)
 from batcher.metrics import Metrics
 from batcher.policy import NOW, QueueState, WaitPolicy
 from batcher.queue import BatchLimits, Pending, RequestQueue
@@ -27,6 +39,9 @@ from batcher.tokenization import Encoded
 from batcher.worker import RunResult, Worker
 
 log = logging.getLogger(__name__)
+PROBE_DELAY_S = 0.5
+"""After a failed run, the first probe of the model; each failed probe doubles the delay."""
+PROBE_MAX_DELAY_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +71,8 @@ class Batcher:
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self._closed = False
+        self._probe_delay_s = PROBE_DELAY_S
+        self._probing = False
         self.accepting = False
         self.last_run_failed = False
         metrics.queue_capacity.set(settings.max_queue_size)
@@ -70,6 +87,11 @@ class Batcher:
         return self._worker.longest_run_s() > self._timeout_s
 
     @property
+    def longest_run_s(self) -> float:
+        """How long the oldest model run still in progress has lasted (0 when none is)."""
+        return self._worker.longest_run_s()
+
+    @property
     def unanswered(self) -> int:
         """Requests queued plus batches in flight (a drain waits for both to reach zero)."""
         return len(self._queue) + len(self._running)
@@ -79,23 +101,39 @@ class Batcher:
         self._task = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
         self.accepting = True
 
-    def check_admission(self) -> None:
-        """Refuse (429) before any parsing when the queue is full: under overload the
-        refusal must cost the loop as little as possible."""
+    def check_admission(self, rows: int = 1) -> None:
+        """Refuse (429) before any parsing when the queue cannot take `rows` more: under
+        overload the refusal must cost the loop as little as possible."""
         try:
-            self._queue.check_room()
+            self._queue.check_room(rows)
         except HTTPError:
             self._metrics.rejected.labels("queue_full").inc()
             raise
 
     def submit(self, encoded: Encoded) -> asyncio.Future[Prediction]:
         """Admit one request; its future resolves to a Prediction or fails with an HTTPError."""
+        self._check_open()
+        self.check_admission()
+        return self._admit(encoded)
+
+    def submit_all(self, rows: list[Encoded]) -> list[asyncio.Future[Prediction]]:
+        """Admit every row or none: 413 when they could never fit in the queue, 429 when
+        they do not fit now."""
+        limit = self._queue.max_size
+        if len(rows) > limit:
+            raise PayloadTooLarge(f"items: {len(rows)} items can never fit in the queue (max_queue_size {limit})")
+        self._check_open()
+        self.check_admission(len(rows))
+        return [self._admit(row) for row in rows]
+
+    def _check_open(self) -> None:
         if not self.accepting:
             raise Draining()
         if not self.alive:
             self._metrics.rejected.labels("not_ready").inc()
             raise NotReady("the batcher is not running")
-        self.check_admission()
+
+    def _admit(self, encoded: Encoded) -> asyncio.Future[Prediction]:
         loop = asyncio.get_running_loop()
         now = loop.time()
         entry = Pending(encoded, now, now + self._timeout_s, loop.create_future(), time.perf_counter())
@@ -183,28 +221,41 @@ class Batcher:
         self._worker.run(selection.batch, self._finish)
 
     def _finish(self, batch: list[Pending], outcome: RunResult | BaseException) -> None:
+        """A run came back (a loop callback: an error here would be lost, so none escapes)."""
         del self._running[id(batch)]
         self._metrics.inflight_batches.set(len(self._running))
         self._wake()
-        if isinstance(outcome, BaseException):
-            log.error("model run failed for a batch of %d", len(batch), exc_info=outcome)
-            self.last_run_failed = True
-            self._metrics.rejected.labels("model_error").inc(len(batch))
+        try:
+            if isinstance(outcome, BaseException):
+                log.error("model run failed for a batch of %d", len(batch), exc_info=outcome)
+                self._model_failed(batch)
+            else:
+                self._resolve(batch, outcome)
+        except Exception:
+            log.exception("settling a batch of %d failed", len(batch))
             for entry in batch:
-                self._fail(entry, ModelFailed())
-            return
-        self.last_run_failed = False
-        self._resolve(batch, outcome)
+                self._fail(entry, InternalError())
+
+    def _model_failed(self, entries: list[Pending]) -> None:
+        self.last_run_failed = True
+        self._metrics.rejected.labels("model_error").inc(len(entries))
+        for entry in entries:
+            self._fail(entry, ModelFailed())
+        self._schedule_probe()
 
     def _resolve(self, batch: list[Pending], run: RunResult) -> None:
         metrics = self._metrics
-        computed = set(run.rows)
-        skipped = [entry for index, entry in enumerate(batch) if index not in computed]
+        if run.failed:
+            log.error("%d of %d rows failed on their own; the rest were answered", len(run.failed), len(batch))
+            self._model_failed([batch[index] for index in run.failed])
+        done = set(run.rows) | set(run.failed)
+        skipped = [entry for index, entry in enumerate(batch) if index not in done]
         for entry in skipped:
             self._cancel_timer(entry)
         metrics.rejected.labels("disconnected").inc(sum(entry.future.cancelled() for entry in skipped))
         if not run.rows:
             return
+        self.last_run_failed = False
         seconds = run.finished - run.started
         metrics.inference.observe(seconds)
         metrics.model_busy.inc(seconds)
@@ -228,6 +279,32 @@ class Batcher:
                     probabilities, intent, float(probabilities[intent]), inference_ms, queue_s * 1000, len(run.rows)
                 )
             )
+
+    # Readiness after a failure ------------------------------------------------
+
+    def _schedule_probe(self) -> None:
+        if not self._probing and not self._closing:
+            self._probing = True
+            asyncio.get_running_loop().call_later(self._probe_delay_s, self._probe)
+
+    def _probe(self) -> None:
+        """Run one warm-up row; its success makes the batcher ready again."""
+        if not self.last_run_failed or self._closing:
+            self._probing = False
+            return
+        loop = asyncio.get_running_loop()
+        row = Encoded([self._worker.pad_id + 1] * 8, [0] * 8)
+        self._worker.run([Pending(row, loop.time(), math.inf, loop.create_future(), time.perf_counter())], self._probed)
+
+    def _probed(self, batch: list[Pending], outcome: RunResult | BaseException) -> None:
+        self._probing = False
+        if isinstance(outcome, RunResult) and outcome.rows:
+            log.info("the model answered a probe run: ready again")
+            self.last_run_failed = False
+            self._probe_delay_s = PROBE_DELAY_S
+        elif self.last_run_failed:
+            self._probe_delay_s = min(2 * self._probe_delay_s, PROBE_MAX_DELAY_S)
+            self._schedule_probe()
 
     # Settling ------------------------------------------------------------------
 

@@ -45,7 +45,14 @@ class ServerSettings:
     max_header_count: int = 128
     """Most header fields in a request; more gets 400 and a closed connection."""
     max_batch_items: int = 64
-    """Most items one `POST /predict/batch` may carry; more get 413."""
+    """Most items one `POST /predict/batch` may carry; more get 413 (counted before the
+    items are validated, so a huge batch costs the loop next to nothing)."""
+    max_turns: int = 256
+    """Most turns in one dialogue; more get 413. The model reads at most
+    `model.max_seq_len` tokens from the end anyway."""
+    max_text_chars: int = 10_000
+    """Longest text of one turn, in characters; longer gets 413. Only the last
+    4 x `model.max_seq_len` characters of a dialogue reach the tokenizer."""
     body_read_timeout_s: float = 10.0
     """Longest time to receive a request body; slower clients get 408 (slow-loris defence)."""
     auth_tokens_file: str = ""
@@ -66,7 +73,12 @@ class ServerSettings:
     metrics_port: int = 0
     """Serve /metrics on this port of server.host instead of the main listener; 0 = main listener."""
     shutdown_timeout_s: float = 30.0
-    """On SIGTERM/SIGINT, how long accepted requests may take to finish before exit."""
+    """On SIGTERM/SIGINT, how long admitted requests may take to be answered; what is still
+    unanswered then gets 503, and the process exits (a hung model run is left behind)."""
+    liveness_hang_s: float = 60.0
+    """`/healthz` answers 503 once a model run has lasted this long (the model hangs and
+    holds a worker thread for good) or the batcher loop has stopped: liveness probes then
+    restart the process. Readiness fails sooner, after `batching.request_timeout_s`."""
     log_level: LogLevel = "info"
     """Logging verbosity of the server."""
     access_log: bool = False
@@ -77,6 +89,9 @@ class ServerSettings:
         _check_range("server.backlog", self.backlog, 1, 65535)
         _check_range("server.client_max_size_bytes", self.client_max_size_bytes, 1024, 1 << 30)
         _check_range("server.max_batch_items", self.max_batch_items, 1, 100_000)
+        _check_range("server.max_turns", self.max_turns, 1, 100_000)
+        _check_range("server.max_text_chars", self.max_text_chars, 1, 1 << 24)
+        _check_range("server.liveness_hang_s", self.liveness_hang_s, 0.1, 86_400)
         _check_range("server.keepalive_timeout_s", self.keepalive_timeout_s, 0.1, 86_400)
         _check_range("server.max_header_bytes", self.max_header_bytes, 256, 1 << 20)
         _check_range("server.max_header_count", self.max_header_count, 8, 10_000)

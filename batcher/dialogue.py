@@ -5,10 +5,17 @@ The single source of truth for both serving and training: `scripts/train.py` imp
 Turns are joined oldest first, each prefixed by a speaker marker, separated by [SEP];
 over-long dialogues keep their end (the most recent turns, and the last turn whole
 when it fits), because the intent lives in the latest user turn.
+
+"Blank" has one definition, used by the request schema and here: a text is blank when
+nothing is left once whitespace (Python's and JSON Schema's) and invisible control and
+format characters (zero-width spaces and joiners, direction marks, BOM) are taken out.
+Text that spells the format's own markers (`[SEP]`, `用户：`) is neutralised, so a user
+cannot forge a separator or a speaker.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 
 SEPARATOR = "[SEP]"
@@ -19,10 +26,42 @@ OTHER_MARKER = "助手："
 # reaches it whole.
 CHARS_PER_TOKEN = 4
 
+# Character classes, written so that Python's `re` and ECMAScript (JSON Schema's `pattern`)
+# read them alike. Whitespace becomes one space; invisible characters are dropped.
+WHITESPACE = r"\t\n\v\f\r \x1c-\x1f\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+INVISIBLE = (
+    r"\x00-\x08\x0e-\x1b\x7f-\x84\x86-\x9f\xad\u180e\u200b-\u200f\u202a-\u202e"
+    r"\u2060-\u2064\u2066-\u206f\ufeff\ufff9-\ufffd"
+)
+VISIBLE = f"[^{WHITESPACE}{INVISIBLE}]"
+"""One character that counts: a text without any is blank (the schema's pattern too)."""
+_VISIBLE = re.compile(VISIBLE)
+_INVISIBLE = re.compile(f"[{INVISIBLE}]+")
+_WHITESPACE = re.compile(f"[{WHITESPACE}]+")
+# Spellings of the format's own tokens and markers inside user text: brackets and the
+# full-width colon are swapped for look-alikes the tokenizer reads as plain text.
+_RESERVED = re.compile(r"\[(SEP|CLS|PAD|MASK|UNK)\]|(用户|助手)：", re.IGNORECASE)
+
 
 def char_budget(max_seq_len: int) -> int:
     """Characters of dialogue text kept for a model reading at most `max_seq_len` tokens."""
     return max_seq_len * CHARS_PER_TOKEN
+
+
+def is_blank(text: str) -> bool:
+    return _VISIBLE.search(text) is None
+
+
+def clean(text: str) -> str:
+    """The text as the model reads it: invisible characters dropped, whitespace runs made
+    one space, reserved spellings neutralised; "" when the text is blank."""
+    text = _WHITESPACE.sub(" ", _INVISIBLE.sub("", text)).strip(" ")
+    return _RESERVED.sub(_neutralise, text)
+
+
+def _neutralise(match: re.Match[str]) -> str:
+    token, speaker = match.groups()
+    return f"({token})" if token else f"{speaker}:"
 
 
 def speaker_marker(speaker: str) -> str:
@@ -33,7 +72,7 @@ def speaker_marker(speaker: str) -> str:
 def dialogue_text(turns: Iterable[tuple[str, str]], max_chars: int) -> str:
     """Join `(speaker, text)` turns into model text of at most `max_chars` characters,
     dropping blank turns and cutting from the start when too long."""
-    pieces = [speaker_marker(speaker) + " ".join(text.split()) for speaker, text in turns if text.strip()]
+    pieces = [speaker_marker(speaker) + text for speaker, text in ((s, clean(t)) for s, t in turns) if text]
     kept: list[str] = []
     budget = max_chars
     for piece in reversed(pieces):

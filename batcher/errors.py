@@ -18,12 +18,18 @@ class BundleError(StartupError):
     """The model bundle is missing a file or its files disagree."""
 
 
+class StartupCancelled(Exception):
+    """A signal asked the server to stop while it was loading or warming the model."""
+
+
 class HTTPError(Exception):
     """Base of every error answered to a client."""
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "internal_error"
     default_message: ClassVar[str] = "internal server error"
+    close: ClassVar[bool] = False
+    """Close the connection after answering (its stream cannot be trusted any more)."""
 
     def __init__(self, message: str | None = None, *, headers: dict[str, str] | None = None) -> None:
         self.message = message or self.default_message
@@ -38,6 +44,13 @@ class InvalidJSON(HTTPError):
     status = 400
     type = "invalid_json"
     default_message = "request body is not valid JSON"
+
+
+class InvalidBody(HTTPError):
+    status = 400
+    type = "invalid_body"
+    default_message = "request body cannot be read: its Content-Encoding or chunking is broken"
+    close = True
 
 
 class MalformedHTTP(HTTPError):
@@ -56,6 +69,12 @@ class CORSForbidden(HTTPError):
     status = 403
     type = "cors_forbidden"
     default_message = "CORS preflight refused: this origin, method or header is not allowed"
+
+
+class Forbidden(HTTPError):
+    status = 403
+    type = "forbidden"
+    default_message = "forbidden"
 
 
 class NotFound(HTTPError):
@@ -106,6 +125,12 @@ class Draining(HTTPError):
     default_message = "server is shutting down"
 
 
+class Unhealthy(HTTPError):
+    status = 503
+    type = "unhealthy"
+    default_message = "a model run has hung or the batcher loop has stopped; restart the process"
+
+
 class DeadlineExceeded(HTTPError):
     status = 504
     type = "deadline_exceeded"
@@ -125,5 +150,15 @@ class InternalError(HTTPError):
 
 
 def snippet(text: str, limit: int = 40) -> str:
-    """A short, truncated echo of client input for error messages."""
-    return text if len(text) <= limit else text[:limit] + "…"
+    """A short, truncated echo of client input for error messages, on one printable line."""
+    return loggable(text, limit)
+
+
+def loggable(text: str, limit: int = 200) -> str:
+    """Client-controlled text made safe to write into one log line or message: every
+    character that is not printable (newlines, escapes, separators) is written as its
+    escape sequence, so no input can forge a record or drive a terminal; cut at `limit`."""
+    cut = text[:limit]
+    if not cut.isprintable():
+        cut = "".join(char if char.isprintable() else repr(char)[1:-1] for char in cut)
+    return cut if len(text) <= limit else cut + "…"

@@ -1,5 +1,5 @@
-"""The OpenAPI document, generated from the pydantic schemas, and the Swagger UI page
-(served from the assets the `swagger-ui-bundle` package ships; no CDN)."""
+"""The OpenAPI document, generated from the pydantic schemas and the configured limits
+(what a request may carry, and every status it may get)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from batcher import schemas
+from batcher.config import ServerSettings
 from batcher.errors import (
+    CORSForbidden,
     DeadlineExceeded,
+    Draining,
     HTTPError,
+    InvalidBody,
     InvalidJSON,
     MethodNotAllowed,
     ModelFailed,
@@ -21,22 +25,34 @@ from batcher.errors import (
     QueueFull,
     RequestTimeout,
     Unauthorized,
+    Unhealthy,
     ValidationFailed,
 )
 
 REF = "#/components/schemas/{model}"
 _PREDICT_ERRORS: tuple[type[HTTPError], ...] = (
-    Unauthorized,
-    RequestTimeout,
     InvalidJSON,
+    InvalidBody,
+    Unauthorized,
+    CORSForbidden,
+    RequestTimeout,
     PayloadTooLarge,
     ValidationFailed,
     QueueFull,
     ModelFailed,
     NotReady,
+    Draining,
     DeadlineExceeded,
 )
 _COMMON_ERRORS: tuple[type[HTTPError], ...] = (NotFound, MethodNotAllowed)
+_REQUEST_ID = {
+    "name": "x-request-id",
+    "in": "header",
+    "required": False,
+    "description": f"Echoed in the response when it matches `{schemas.REQUEST_ID_PATTERN}`; any other value is "
+    "replaced, never refused: the response then carries a random 32-hex-digit id.",
+    "schema": {"type": "string"},
+}
 
 
 def _ref(model: type[BaseModel]) -> dict[str, str]:
@@ -70,10 +86,11 @@ def _operation(
     }
     if body is not None:
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
+        operation["parameters"] = [_REQUEST_ID]
     return operation
 
 
-def build_openapi(title: str, version: str) -> dict[str, Any]:
+def build_openapi(title: str, version: str, limits: ServerSettings) -> dict[str, Any]:
     models: list[type[BaseModel]] = [
         schemas.PredictRequest,
         schemas.BatchPredictRequest,
@@ -88,10 +105,14 @@ def build_openapi(title: str, version: str) -> dict[str, Any]:
         [(model, "validation" if model.__name__.endswith("Request") else "serialization") for model in models],
         ref_template=REF,
     )
+    components = definitions.get("$defs", {})
+    _limit(components, limits)
     predict_errors = _PREDICT_ERRORS
     paths = {
         "/": {"get": _operation("Service status", schemas.ServiceStatus)},
-        "/healthz": {"get": _operation("Liveness: the process answers", schemas.Probe)},
+        "/healthz": {
+            "get": _operation("Liveness: no model run hung, batcher running", schemas.Probe, errors=(Unhealthy,))
+        },
         "/readyz": {"get": _operation("Readiness: loaded, warm, not draining", schemas.Probe, errors=(NotReady,))},
         "/intents": {"get": _operation("The intents the model predicts", schemas.IntentsResponse)},
         "/predict": {
@@ -115,15 +136,12 @@ def build_openapi(title: str, version: str) -> dict[str, Any]:
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
         "paths": paths,
-        "components": {"schemas": definitions.get("$defs", {})},
+        "components": {"schemas": components},
     }
 
 
-SWAGGER_PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>batcher API</title>
-<link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
-<body><div id="swagger-ui"></div>
-<script src="/docs/static/swagger-ui-bundle.js"></script>
-<script>SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui"});</script>
-</body></html>
-"""
+def _limit(components: dict[str, Any], limits: ServerSettings) -> None:
+    """The size limits the server checks (413 beyond them), published in the schemas."""
+    components["BatchPredictRequest"]["properties"]["items"]["maxItems"] = limits.max_batch_items
+    components["PredictRequest"]["properties"]["turns"]["maxItems"] = limits.max_turns
+    components["Turn"]["properties"]["text"]["maxLength"] = limits.max_text_chars

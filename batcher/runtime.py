@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
+from typing import Any, TypeVar
 
 import numpy as np
 
 from batcher.batching import Batcher
 from batcher.bundle import ModelBundle, load_bundle
 from batcher.config import Settings
-from batcher.errors import Draining, NotReady
+from batcher.errors import Draining, NotReady, StartupCancelled
 from batcher.metrics import Metrics
 from batcher.model import OnnxModel
 from batcher.tokenization import TextEncoder
@@ -26,6 +28,7 @@ from batcher.worker import Model, Worker
 log = logging.getLogger(__name__)
 WARMUP_BATCH_SIZES = (1, 4)
 WARMUP_LENGTHS = (8, 32)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -54,14 +57,24 @@ class Runtime:
         return batcher.accepting and batcher.alive and not batcher.last_run_failed and not batcher.stalled
 
 
-async def load_runtime(settings: Settings, metrics: Metrics, *, model: Model | None = None) -> Runtime:
+async def load_runtime(
+    settings: Settings, metrics: Metrics, *, model: Model | None = None, cancelled: Callable[[], bool] = bool
+) -> Runtime:
     """Load, check and warm the configured model, then start its batcher. `model` replaces
-    the bundle's ONNX session (tests about timing use a fake)."""
+    the bundle's ONNX session (tests about timing use a fake). Between steps, and between
+    warm-up runs, `cancelled()` is asked whether a signal wants the server gone: then
+    StartupCancelled."""
     loop = asyncio.get_running_loop()
-    bundle = await loop.run_in_executor(None, load_bundle, settings.model_dir, settings.model.file)
-    encoder = await loop.run_in_executor(None, TextEncoder.from_bundle, bundle.directory, settings.model.max_seq_len)
+
+    async def step(function: Callable[..., T], *args: Any) -> T:
+        if cancelled():
+            raise StartupCancelled()
+        return await loop.run_in_executor(None, function, *args)
+
+    bundle = await step(load_bundle, settings.model_dir, settings.model.file)
+    encoder = await step(TextEncoder.from_bundle, bundle.directory, settings.model.max_seq_len)
     if model is None:
-        model = await loop.run_in_executor(None, OnnxModel, bundle, settings.model)
+        model = await step(OnnxModel, bundle, settings.model)
     name = settings.model.name or bundle.name
     log.info("model %s (sha256 %s) runs on %s", name, bundle.sha256[:12], model.provider)
     warm = partial(
@@ -71,8 +84,9 @@ async def load_runtime(settings: Settings, metrics: Metrics, *, model: Model | N
         batch_sizes=sorted({*WARMUP_BATCH_SIZES, settings.batching.max_batch_size}),
         lengths=sorted({*WARMUP_LENGTHS, settings.model.max_seq_len}),
         runs=settings.model.warmup_runs,
+        cancelled=cancelled,
     )
-    await loop.run_in_executor(None, warm)
+    await step(warm)
     batching = settings.batching
     worker = Worker(
         model,
@@ -96,11 +110,21 @@ async def load_runtime(settings: Settings, metrics: Metrics, *, model: Model | N
     return Runtime(name, bundle, encoder, batcher, model.provider)
 
 
-def warm_up(model: Model, *, pad_id: int, batch_sizes: list[int], lengths: list[int], runs: int) -> None:
+def warm_up(
+    model: Model,
+    *,
+    pad_id: int,
+    batch_sizes: list[int],
+    lengths: list[int],
+    runs: int,
+    cancelled: Callable[[], bool] = bool,
+) -> None:
     """Run every batch size x length so kernels and memory arenas are ready before traffic."""
     for _ in range(runs):
         for rows in batch_sizes:
             for length in lengths:
+                if cancelled():
+                    raise StartupCancelled()
                 ids = np.full((rows, length), pad_id + 1, dtype=np.int64)
                 model.run(ids, np.ones_like(ids), np.zeros_like(ids))
 
@@ -109,17 +133,16 @@ class Models:
     """The runtimes being served, by name, and whether the server is draining."""
 
     def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
         self._runtimes: dict[str, Runtime] = {}
         self.default: str | None = None
         self.draining = False
+        metrics.ready.set_function(lambda: float(self.ready))  # read at every scrape
 
     def add(self, runtime: Runtime) -> None:
         """Serve `runtime`; the first one added is the default model."""
         self._runtimes[runtime.name] = runtime
         if self.default is None:
             self.default = runtime.name
-        self._metrics.ready.set(int(self.ready))
 
     def find(self, name: str | None = None) -> Runtime | None:
         """The named runtime (the default one without a name), or None if not loaded."""
@@ -138,6 +161,12 @@ class Models:
     def ready(self) -> bool:
         return not self.draining and bool(self._runtimes) and all(r.ready for r in self._runtimes.values())
 
+    def alive(self, hang_s: float) -> bool:
+        """Every batcher loop runs (or is draining) and no model run has lasted `hang_s`."""
+        if self.draining:
+            return True
+        return all(r.batcher.alive and r.batcher.longest_run_s < hang_s for r in self._runtimes.values())
+
     @property
     def unanswered(self) -> int:
         return sum(runtime.batcher.unanswered for runtime in self._runtimes.values())
@@ -145,7 +174,6 @@ class Models:
     def begin_drain(self) -> None:
         """Readiness drops and new predictions get 503 from now on; queued work runs at once."""
         self.draining = True
-        self._metrics.ready.set(0)
         for runtime in self._runtimes.values():
             runtime.batcher.begin_drain()
 

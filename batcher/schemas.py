@@ -4,20 +4,17 @@ built as plain dicts on the hot path and the models document them in /openapi.js
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, TypeVar
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
+from batcher.dialogue import VISIBLE, is_blank
 from batcher.errors import ValidationFailed
 
 SPEAKER_MAX_CHARS = 32
-# A character that is not whitespace in JSON Schema's (ECMAScript's) sense. Python's own
-# idea of whitespace is wider (\x1c-\x1f, \x85), so "blank" is defined by this pattern
-# on both sides: the validator below and the schema published in /openapi.json.
-VISIBLE = r"[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
-_VISIBLE = re.compile(VISIBLE)
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+"""An `x-request-id` a client sends is echoed when it matches; otherwise one is generated."""
 M = TypeVar("M", bound="BaseModel")
 
 
@@ -44,7 +41,7 @@ class PredictRequest(BaseModel):
                 "contains": {
                     "type": "object",
                     "required": ["text"],
-                    "properties": {"text": {"type": "string", "pattern": r"\S"}},
+                    "properties": {"text": {"type": "string", "pattern": VISIBLE}},
                 }
             },
         ),
@@ -54,7 +51,7 @@ class PredictRequest(BaseModel):
     @pydantic.field_validator("turns")
     @classmethod
     def _has_text(cls, turns: list[Turn]) -> list[Turn]:
-        if not any(_VISIBLE.search(turn.text) for turn in turns):
+        if all(is_blank(turn.text) for turn in turns):
             raise ValueError("no turn has non-blank text")
         return turns
 

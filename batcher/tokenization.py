@@ -13,7 +13,7 @@ from tokenizers import Tokenizer
 from tokenizers.implementations.bert_wordpiece import BertWordPieceTokenizer
 
 from batcher.dialogue import SEPARATOR, char_budget, dialogue_text
-from batcher.errors import BundleError
+from batcher.errors import BundleError, ValidationFailed
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,5 +66,9 @@ class TextEncoder:
         return Encoded(encoding.ids, encoding.type_ids)
 
     def encode_dialogue(self, turns: Iterable[tuple[str, str]]) -> Encoded:
-        """`(speaker, text)` turns, oldest first, as the model reads them (see `batcher.dialogue`)."""
-        return self.encode(dialogue_text(turns, char_budget(self.max_seq_len)))
+        """`(speaker, text)` turns, oldest first, as the model reads them (see `batcher.dialogue`);
+        422 when nothing is left to read (a tokenizer that drops every character given)."""
+        encoded = self.encode(dialogue_text(turns, char_budget(self.max_seq_len)))
+        if not encoded.ids:
+            raise ValidationFailed("turns: no turn has text the model can read")
+        return encoded

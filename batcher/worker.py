@@ -42,7 +42,9 @@ class RunResult:
 
     probabilities: np.ndarray
     rows: list[int]
-    """Indices into the batch that were computed (the rest died while staged)."""
+    """Indices into the batch that were computed (the rest died while staged or failed)."""
+    failed: list[int]
+    """Indices whose rows failed on their own when a failed batch was retried row by row."""
     started: float
     finished: float
     """perf_counter() at the start and end of the model call."""
@@ -106,7 +108,7 @@ class Worker:
     ) -> None:
         self.model = model
         self.instances = instances
-        self._pad_id = pad_id
+        self.pad_id = pad_id
         self._num_labels = num_labels
         self._jobs: queue.SimpleQueue[tuple[list[Pending], Done] | None] = queue.SimpleQueue()
         self._runs_started: dict[int, float] = {}  # thread id -> perf_counter() at run start
@@ -156,20 +158,53 @@ class Worker:
                 return
 
     def compute(self, batch: list[Pending]) -> RunResult:
-        """Drop rows that died while staged, pad, run the model, softmax (on a worker thread)."""
+        """Drop rows that died while staged, pad, run the model, softmax (on a worker thread).
+        A batch whose run fails is retried row by row, so one bad row fails alone; when
+        every row fails on its own too, the batch's error is raised."""
         # Reading a future's state from this thread is a single attribute read; a row
         # that dies right after this check is computed and its result discarded.
         rows = [index for index, entry in enumerate(batch) if not entry.future.done()]
         started = time.perf_counter()
         if not rows:
-            return RunResult(np.empty((0, self._num_labels), np.float32), rows, started, started, 0, 0)
-        ids, mask, types = pad_batch([batch[index].encoded for index in rows], self._pad_id)
+            return RunResult(np.empty((0, self._num_labels), np.float32), [], [], started, started, 0, 0)
+        try:
+            probabilities, real, padded = self._run([batch[index].encoded for index in rows])
+        except Exception:
+            if len(rows) == 1:
+                raise
+            log.warning("model run failed for a batch of %d; retrying its rows one at a time", len(rows))
+            result = self._row_by_row(batch, rows, started)
+            if not result.rows:
+                raise
+            return result
+        return RunResult(probabilities, rows, [], started, time.perf_counter(), real, padded)
+
+    def _row_by_row(self, batch: list[Pending], rows: list[int], started: float) -> RunResult:
+        done: list[int] = []
+        failed: list[int] = []
+        probabilities: list[np.ndarray] = []
+        real = padded = 0
+        for index in rows:
+            try:
+                row_probabilities, row_real, row_padded = self._run([batch[index].encoded])
+            except Exception:
+                failed.append(index)
+                continue
+            done.append(index)
+            probabilities.append(row_probabilities[0])
+            real, padded = real + row_real, padded + row_padded
+        stacked = np.stack(probabilities) if probabilities else np.empty((0, self._num_labels), np.float32)
+        return RunResult(stacked, done, failed, started, time.perf_counter(), real, padded)
+
+    def _run(self, rows: Sequence[Encoded]) -> tuple[np.ndarray, int, int]:
+        """Probabilities for `rows` padded to their longest, and the real and padded token counts."""
+        ids, mask, types = pad_batch(rows, self.pad_id)
         thread = threading.get_ident()
-        self._runs_started[thread] = started
+        self._runs_started[thread] = time.perf_counter()
         try:
             logits = np.asarray(self.model.run(ids, mask, types), dtype=np.float32)
         finally:
             del self._runs_started[thread]
         if logits.shape != (len(rows), self._num_labels):
             raise ValueError(f"model returned logits of shape {logits.shape}, expected {(len(rows), self._num_labels)}")
-        return RunResult(softmax(logits), rows, started, time.perf_counter(), int(mask.sum()), mask.size)
+        return softmax(logits), int(mask.sum()), mask.size

@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any
 
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
+CONFIG = Path(__file__).with_name("schemathesis.toml")
 
 
 def command(url: str, examples: int, seed: int) -> list[str]:
     # One worker: schemathesis' coverage phase has crashed in its own code with several.
     return [
         str(SCHEMATHESIS),
+        "--config-file",
+        str(CONFIG),
         "run",
         f"{url}/openapi.json",
         "--checks",

@@ -7,7 +7,6 @@ import contextlib
 import gc
 import hashlib
 import logging
-import os
 import resource
 import signal
 import socket
@@ -23,52 +22,10 @@ import pytest
 import app
 from bench.reliability import DRAIN_LOG
 from bench.servers import free_port, rss_bytes
+from tests.processes import ROOT, finish, start, wait_ready
 from tests.tiny_model import build_bundle
 
-ROOT = Path(__file__).resolve().parent.parent
 LONG = {"turns": [{"speaker": "user", "text": "我们有空一起去看风景好不好" * 40}]}
-
-
-def start(bundle: Path, *overrides: str, config: Path | None = None) -> tuple[subprocess.Popen[str], str]:
-    port = free_port()
-    args = [
-        sys.executable,
-        str(ROOT / "app.py"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--set",
-        f'model.path="{bundle}"',
-        "--set",
-        "model.warmup_runs=1",
-    ]
-    if config is not None:
-        args += ["--config", str(config)]
-    for item in overrides:
-        args += ["--set", item]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("BATCHER_")}
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    return process, f"http://127.0.0.1:{port}"
-
-
-def wait_ready(process: subprocess.Popen[str], url: str, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"server exited early: {finish(process, 5)[1]}")
-        try:
-            with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError("server did not start listening")
-
-
-def finish(process: subprocess.Popen[str], timeout_s: float) -> tuple[int, str]:
-    """Wait for exit; the exit code and everything the process printed."""
-    output, _ = process.communicate(timeout=timeout_s)
-    return process.returncode, output
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +235,64 @@ def test_thousands_of_idle_connections_are_served_around_then_closed(tiny_bundle
             sock.close()
     process.send_signal(signal.SIGTERM)
     assert finish(process, 20)[0] == 0
+
+
+async def test_sigterm_while_requests_wait_for_company_and_no_drain_time_is_left(tiny_bundle: Path) -> None:
+    """The audit's repro: a 10 s wait for company, shutdown_timeout_s = 0; request A, B half a
+    second later, SIGTERM at one second. Both get an answer (their result, or 503 since no
+    time is left), the process exits 0 at once, and nothing is logged as a traceback."""
+    process, url = start(
+        tiny_bundle, "batching.max_wait_s=10", "batching.max_batch_size=4", "server.shutdown_timeout_s=0"
+    )
+    wait_ready(process, url)
+    async with aiohttp.ClientSession() as session:
+        warm = [session.post(f"{url}/predict", json=LONG) for _ in range(4)]  # a full batch: company is expected
+        for response in await asyncio.gather(*warm):
+            response.release()
+
+        async def one() -> tuple[int, dict[str, object]]:
+            async with session.post(f"{url}/predict", json=LONG) as response:
+                return response.status, await response.json()
+
+        first = asyncio.ensure_future(one())
+        await asyncio.sleep(0.5)
+        second = asyncio.ensure_future(one())
+        await asyncio.sleep(0.5)
+        signalled = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        answers = await asyncio.gather(first, second)
+    code, output = finish(process, 10)
+    assert time.monotonic() - signalled < 5
+    for status, body in answers:
+        assert status == 200 or (status == 503 and body["error"]["type"] == "shutting_down"), body  # type: ignore[index]
+    assert code == 0 and "Traceback" not in output, output
+
+
+def test_sighup_does_not_kill_the_server(tiny_bundle: Path) -> None:
+    process, url = start(tiny_bundle)
+    wait_ready(process, url)
+    process.send_signal(signal.SIGHUP)
+    time.sleep(0.5)
+    assert process.poll() is None
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as sock:
+        sock.sendall(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert sock.recv(4096).startswith(b"HTTP/1.1 200")
+    process.send_signal(signal.SIGTERM)
+    code, output = finish(process, 20)
+    assert code == 0 and "SIGHUP" in output
+
+
+def test_sigterm_during_warm_up_stops_cleanly(slow_bundle: Path) -> None:
+    """Start-up can take a while (a large model, many warm-up runs): a signal then stops it
+    between two warm-up runs, exit 0, instead of killing the process halfway."""
+    process, _ = start(slow_bundle, "model.warmup_runs=100", "model.max_seq_len=512")
+    assert process.stdout is not None
+    lines = []
+    for line in process.stdout:  # the model is loaded; warm-up begins
+        lines.append(line)
+        if "runs on CPUExecutionProvider" in line:
+            break
+    process.send_signal(signal.SIGTERM)
+    code, output = finish(process, 20)
+    assert code == 0, "".join(lines) + output
+    assert "stopped during start-up" in output and "Traceback" not in output

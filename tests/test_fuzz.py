@@ -7,7 +7,7 @@ import signal
 from pathlib import Path
 
 from bench.fuzz import SCHEMATHESIS, run_schemathesis
-from tests.test_app import finish, start, wait_ready
+from tests.processes import finish, start, wait_ready
 
 
 def test_short_fuzz_run_finds_nothing(tiny_bundle: Path) -> None:

@@ -359,8 +359,10 @@ async def test_metrics_and_docs_can_be_turned_off(make_client: MakeClient) -> No
 
 async def test_cors_is_off_unless_configured(make_client: MakeClient) -> None:
     client = await make_client()
-    response = await client.post("/predict", json=ONE, headers={"Origin": "https://app.example"})
+    response = await client.post("/predict", json=ONE)  # curl: no Origin
     assert response.status == 200 and not any(h.startswith("Access-Control") for h in response.headers)
+    own = f"http://127.0.0.1:{client.server.port}"  # the page at /docs, "try it out"
+    assert (await client.post("/predict", json=ONE, headers={"Origin": own})).status == 200
     preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
     await expect_error(await client.options("/predict", headers=preflight), 405, "method_not_allowed")
 
@@ -386,7 +388,23 @@ async def test_cors_answers_preflights_for_allowed_origins_only(make_client: Mak
         await client.options("/predict", headers={**preflight, "Origin": "https://evil.example"}), 403, "cors_forbidden"
     )
     other = await client.post("/predict", json=ONE, headers={"Origin": "https://evil.example"})
-    assert other.status == 200 and "Access-Control-Allow-Origin" not in other.headers
+    await expect_error(other, 403, "cors_forbidden", "https://evil.example")
+    assert "Access-Control-Allow-Origin" not in other.headers
+
+
+@pytest.mark.parametrize("origin", ["http://evil.example", "null", "http://127.0.0.1:1"])
+@pytest.mark.parametrize("route", ["/predict", "/predict/batch"])
+async def test_a_simple_cross_origin_post_is_refused_when_cors_is_off(
+    make_client: MakeClient, origin: str, route: str
+) -> None:
+    """Browsers send a text/plain POST from any page without a preflight: refusing the
+    preflight alone let such pages make the server compute."""
+    metrics = Metrics(process=False)
+    client = await make_client(metrics=metrics)
+    body = json.dumps({"items": [ONE]} if route.endswith("batch") else ONE)
+    response = await client.post(route, data=body, headers={"Content-Type": "text/plain", "Origin": origin})
+    await expect_error(response, 403, "cors_forbidden")
+    assert metrics.registry.get_sample_value("batcher_batch_size_count") == 0  # nothing was computed
 
 
 async def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:
@@ -473,10 +491,8 @@ async def test_hostile_bodies_get_fast_clear_answers(make_client: MakeClient) ->
     client = await make_client()
     nul = {"turns": [{"speaker": "user", "text": "播放\u0000周杰伦\u0000的歌"}]}
     assert (await client.post("/predict", json=nul)).status == 200
-    # "\x1f" is whitespace to Python but not to JSON Schema: the published schema decides.
-    assert (await client.post("/predict", json={"turns": [{"text": "\x1f"}]})).status == 200
     many = {"turns": [{"speaker": "user", "text": "好"}] * 20_000}
-    assert (await client.post("/predict", json=many)).status == 200  # truncated, not rejected
+    await expect_error(await client.post("/predict", json=many), 413, "payload_too_large", "max_turns (256)")
     huge = b'{"turns": [{"text": "' + b"x" * (10 * 1024 * 1024) + b'"}]}'
     await expect_error(await client.post("/predict", data=io.BytesIO(huge)), 413, "payload_too_large")
     long_speaker = {"turns": [{"speaker": "u" * 1000, "text": "hi"}]}

@@ -20,7 +20,7 @@ import aiohttp
 import pytest
 
 from bench.servers import free_port
-from tests.test_app import ROOT, finish, start, wait_ready
+from tests.processes import ROOT, finish, start, wait_ready
 
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "batcher.json"
