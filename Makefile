@@ -62,8 +62,9 @@ reliability: $(VENV)/.dev  ## overload, disconnect storm, shutdown, 10-min soak,
 
 soak: reliability  ## the 10-minute soak is part of the reliability run (one run, one RELIABILITY.md)
 
-fuzz: $(VENV)/.dev  ## schemathesis against /openapi.json, 3,000 examples per operation
+fuzz: $(VENV)/.dev  ## schemathesis against /openapi.json (3,000 examples per operation), then 3,000 raw HTTP requests
 	$(PY) -m bench.fuzz --examples 3000
+	$(PY) -m bench.http_fuzz --examples 3000
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

@@ -7,6 +7,7 @@ aiohttp waits for the handlers, so every admitted request is answered first).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -14,13 +15,13 @@ from functools import partial
 from typing import Any
 
 import aiohttp_cors
-from aiohttp import web, web_protocol
+from aiohttp import HttpVersion11, web, web_protocol, web_urldispatcher
 from aiohttp.http_exceptions import HttpProcessingError
 
 from batcher import __version__, docs, handlers
 from batcher.auth import Access, load_tokens
 from batcher.config import Settings
-from batcher.errors import HTTPError, InternalError, MalformedHTTP, loggable, snippet
+from batcher.errors import ExpectationFailed, HTTPError, InternalError, MalformedHTTP, loggable, snippet
 from batcher.handlers import ACCESS, METRICS, MODELS, OPENAPI, SERVICE_TITLE, SETTINGS, TIMING_HEADERS
 from batcher.metrics import Metrics
 from batcher.middleware import REQUEST_ID, observe
@@ -61,6 +62,24 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, model: Mod
     app.cleanup_ctx.append(partial(lifecycle, model=model))
     app.on_shutdown.append(drain)
     return app
+
+
+async def expect_continue(request: web.Request) -> web.Response | None:
+    """`Expect: 100-continue` gets its interim answer; any other Expect value gets 417 in
+    our error shape. aiohttp's own handler answered those in plain text, with a 500 and a
+    traceback when the value was not ASCII, and logged one when the client had gone.
+    Installed as aiohttp's default for every route, unknown paths included (404/405 get a
+    route of aiohttp's own, made per request, that takes no option)."""
+    if request.headers.get("Expect", "").lower() != "100-continue":
+        error = ExpectationFailed()
+        response = handlers.json_response(error.body(), status=error.status)
+        response.force_close()  # the body it announced may follow: do not read it as a request
+        return response
+    if request.version >= HttpVersion11:
+        with contextlib.suppress(ConnectionError):  # the client went away: the handler finds out
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+    return None
 
 
 def enable_cors(app: web.Application, origins: tuple[str, ...], *, max_age_s: int) -> None:
@@ -122,6 +141,13 @@ def _protocol_error(
     plain text and echoes the whole offending line, up to server.max_header_bytes of it;
     this keeps only the parser's reason, truncated. aiohttp has no hook for it
     (aio-libs/aiohttp#3287), hence the override of RequestHandler.handle_error."""
+    if isinstance(exc, ConnectionError):
+        # The client went away while aiohttp wrote to it (its "100 Continue" to a client
+        # that had already half-closed, say): nobody is left to answer, nothing to log.
+        handler.log_debug("client gone before it could be answered: %s", exc)
+        response = web.Response(status=status)
+        response.force_close()
+        return response
     # aiohttp's version logs, and raises when part of a response was already sent
     _AIOHTTP_HANDLE_ERROR(handler, request, status, exc, message)
     if status >= 500:
@@ -135,8 +161,10 @@ def _protocol_error(
 
 
 def install_protocol_errors() -> None:
-    """Answer aiohttp's own protocol errors as JSON (idempotent; every listener in the process)."""
+    """Answer what aiohttp answers itself (protocol errors, Expect headers) our way
+    (idempotent; every listener in the process)."""
     web_protocol.RequestHandler.handle_error = _protocol_error  # type: ignore[method-assign,assignment]
+    web_urldispatcher._default_expect_handler = expect_continue  # type: ignore[assignment]
 
 
 def install_log_filters() -> None:

@@ -22,7 +22,7 @@ SEPARATOR = "[SEP]"
 USER_MARKER = "用户："
 OTHER_MARKER = "助手："
 # Characters of dialogue kept before tokenizing, per token of max_seq_len: comfortably more
-# than the tokens need, so truncation happens in the tokenizer, yet a 1 MiB body never
+# than the tokens need, so truncation happens in the tokenizer, yet a long text never
 # reaches it whole.
 CHARS_PER_TOKEN = 4
 

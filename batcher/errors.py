@@ -95,6 +95,12 @@ class RequestTimeout(HTTPError):
     default_message = "the request body did not arrive in time"
 
 
+class ExpectationFailed(HTTPError):
+    status = 417
+    type = "expectation_failed"
+    default_message = "the only Expect this server knows is 100-continue"
+
+
 class PayloadTooLarge(HTTPError):
     status = 413
     type = "payload_too_large"

@@ -119,7 +119,7 @@ async def predict_batch(request: web.Request) -> web.Response:
 
 def check_sizes(data: Any, server: ServerSettings, *, batch: bool = False) -> None:
     """413 for a body over the item, turn or text limits, checked on the parsed JSON before
-    the schema walks it: a legal 1 MiB body of 40,000 tiny items costs a count, not a
+    the schema walks it: a legal body of 10,000 tiny items costs a count, not a
     validation. Shapes are left to the schema."""
     dialogues: Any = [data]
     if batch:

@@ -169,9 +169,8 @@ async def shutdown_under_load(corpus: Corpus, peak: float) -> dict[str, Any]:
     exited_after = time.perf_counter() - signalled
     result = await load
     await client.close()
-    stderr = server.process.stderr.read().decode() if server.process.stderr else ""
-    if server.process.stderr:
-        server.process.stderr.close()
+    server.__exit__()  # it has exited: this only collects its log
+    stderr = server.log
     events = result.events or []
     # Split at the instant the server began draining (its log gives it on the monotonic
     # clock, which perf_counter shares on Linux); requests written between our kill() and
@@ -287,6 +286,9 @@ def main() -> None:
     )
     parser.add_argument("--soak-minutes", type=int, default=10, help="minutes of soak at 70 %% of the maximum")
     parser.add_argument("--fuzz-examples", type=int, default=3000, help="schemathesis examples per operation")
+    parser.add_argument(
+        "--http-fuzz-examples", type=int, default=3000, help="raw requests of the HTTP-layer fuzz (0: skip)"
+    )
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL corpus")
     args = parser.parse_args()
     results = uvloop.run(run(args))
@@ -299,6 +301,7 @@ def main() -> None:
                 "fault or hung or hostile or slow_body or oversized or malformed or bad_ or cors",
             ]
         ),
+        pytest_outcome(["tests/test_hardening.py"]),
         pytest_outcome(["tests/test_app.py", "-k", "sigterm or idle_connections"]),
         pytest_outcome(["tests/test_batching.py", "tests/test_queue.py", "tests/test_dialogue.py"]),
     ]
@@ -307,6 +310,11 @@ def main() -> None:
         from bench.fuzz import fuzz
 
         results["fuzz"] = fuzz(args.fuzz_examples)
+    if args.http_fuzz_examples:
+        print("fuzzing the HTTP layer…", file=sys.stderr)
+        from bench import http_fuzz
+
+        results["http_fuzz"] = http_fuzz.fuzz(args.http_fuzz_examples, http_fuzz.SEED)
     OUT.mkdir(exist_ok=True)
     (OUT / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     from bench.reliability_md import render

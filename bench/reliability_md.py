@@ -273,5 +273,28 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
             f"`{fuzz['command']}`: exit {fuzz['exit_code']}. {fuzz['summary']}",
             "",
         ]
+    if "http_fuzz" in results:
+        lines += http_fuzz_section(results["http_fuzz"])
     lines += ["Raw figures: `reliability/results.json`.", ""]
     return "\n".join(lines)
+
+
+def http_fuzz_section(fuzz: dict[str, Any]) -> list[str]:
+    """The HTTP layer below the schema: what `bench/http_fuzz.py` sent and what came back."""
+    clean = not fuzz["failed"] and fuzz["ready_after"] and not fuzz["log_tracebacks"]
+    lines = [
+        "## Fuzzing the HTTP layer (raw requests: methods, paths, headers, encodings, framing)",
+        "",
+        f"`python -m bench.http_fuzz --examples {fuzz['requests']} --seed {fuzz['seed']}` (Hypothesis): "
+        f"{fuzz['requests']} requests, {fuzz['failed']} failed (a 5xx, no answer within 5 s, a 4xx not in the "
+        f"error shape), server ready afterwards: {'yes' if fuzz['ready_after'] else 'NO'}, tracebacks in its log: "
+        f"{fuzz['log_tracebacks']}. {'Met.' if clean else 'NOT met.'}",
+        "",
+        "| answer | requests |",
+        "|---|---|",
+    ]
+    lines += [f"| {status} | {count} |" for status, count in fuzz["statuses"].items()]
+    lines += ["", "A bare status is an answer to HEAD (no body to check)."]
+    if fuzz["failures"]:
+        lines += ["", "First failures:", ""] + [f"- `{failure[:300]}`" for failure in fuzz["failures"]]
+    return [*lines, ""]

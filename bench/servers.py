@@ -11,8 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import IO
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = ROOT / "models" / "intent-zh"
@@ -25,7 +27,9 @@ def free_port() -> int:
 
 
 class Server:
-    """A server process on loopback, started and stopped around a set of steps."""
+    """A server process on loopback, started and stopped around a set of steps. What it
+    writes to stderr (its log) goes to a file, never a pipe that could fill and block it,
+    and is in `log` once it has stopped."""
 
     def __init__(self, name: str, args: list[str], *, cwd: Path = ROOT) -> None:
         self.name = name
@@ -34,18 +38,19 @@ class Server:
         self.args = [a.replace("{port}", str(self.port)) for a in args]
         self.url = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[bytes] | None = None
+        self.log = ""
+        self._log_file: IO[bytes] | None = None
 
     def __enter__(self) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHER_")}
+        self._log_file = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
-            self.args, cwd=self.cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self.args, cwd=self.cwd, env=env, stdout=subprocess.DEVNULL, stderr=self._log_file
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise SystemExit(
-                    f"bench: {self.name} exited: {self.process.stderr.read().decode() if self.process.stderr else ''}"
-                )
+                raise SystemExit(f"bench: {self.name} exited: {self._read_log()}")
             try:
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return self
@@ -60,8 +65,13 @@ class Server:
             self.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.process.kill()
-        if self.process.stderr:
-            self.process.stderr.close()
+            self.process.wait()
+        self.log = self._read_log()
+
+    def _read_log(self) -> str:
+        assert self._log_file is not None
+        self._log_file.seek(0)
+        return self._log_file.read().decode(errors="replace")
 
 
 def batcher_server(name: str, *overrides: str, tree: Path = ROOT) -> Server:

@@ -194,7 +194,7 @@ async def test_oversized_body_is_413_and_server_keeps_serving(make_client: MakeC
 
 async def test_long_dialogue_is_truncated_not_rejected(make_client: MakeClient) -> None:
     client = await make_client()
-    long_turns = [{"speaker": "user", "text": "风景" * 2000}] * 20 + [{"speaker": "user", "text": "播放周杰伦的歌"}]
+    long_turns = [{"speaker": "user", "text": "风景" * 2000}] * 10 + [{"speaker": "user", "text": "播放周杰伦的歌"}]
     response = await client.post("/predict", json={"turns": long_turns})
     assert response.status == 200
 
@@ -491,7 +491,7 @@ async def test_hostile_bodies_get_fast_clear_answers(make_client: MakeClient) ->
     client = await make_client()
     nul = {"turns": [{"speaker": "user", "text": "播放\u0000周杰伦\u0000的歌"}]}
     assert (await client.post("/predict", json=nul)).status == 200
-    many = {"turns": [{"speaker": "user", "text": "好"}] * 20_000}
+    many = {"turns": [{"speaker": "user", "text": "好"}] * 5_000}
     await expect_error(await client.post("/predict", json=many), 413, "payload_too_large", "max_turns (256)")
     huge = b'{"turns": [{"text": "' + b"x" * (10 * 1024 * 1024) + b'"}]}'
     await expect_error(await client.post("/predict", data=io.BytesIO(huge)), 413, "payload_too_large")

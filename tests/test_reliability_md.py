@@ -129,3 +129,20 @@ def test_the_soak_reports_how_busy_the_machine_was_and_the_generators_cpu_as_its
     assert "ranged from 20.0 to 30.0 ms; a straight line fitted through all 2 minutes moves +10.0 ms" in markdown
     assert "RSS never grew after the first minute" in markdown
     assert (tmp_path / "soak.png").stat().st_size > 0
+
+
+def test_the_http_fuzz_section_says_met_only_when_nothing_failed(tmp_path: Path) -> None:
+    fuzz = {
+        "requests": 3000,
+        "statuses": {"200": 400, "400 malformed_http": 2000, "404 not_found": 600},
+        "failed": 0,
+        "ready_after": True,
+        "failures": [],
+        "seed": 1,
+        "log_tracebacks": 0,
+    }
+    clean = render({**results(4.0), "http_fuzz": fuzz}, tmp_path)
+    assert "3000 requests, 0 failed" in clean and "tracebacks in its log: 0. Met." in clean
+    assert "| 400 malformed_http | 2000 |" in clean
+    broken = render({**results(4.0), "http_fuzz": {**fuzz, "failed": 2, "failures": ["500 answered"]}}, tmp_path)
+    assert "NOT met." in broken and "- `500 answered`" in broken
