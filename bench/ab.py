@@ -1,6 +1,6 @@
 """A/B: this checkout's batcher against another commit's, side by side in one run.
 
-    python -m bench.ab --baseline HEAD~1 [--rounds 3] [--duration 15] [--clients 64]
+    python -m bench.ab --baseline HEAD~1 [--rounds 3] [--duration 15] [--clients 64 | --rate 700]
 
 The baseline is checked out into a temporary git worktree and served with this checkout's
 virtual environment. Both servers run the shipped config on the bundled model; the steps
@@ -45,7 +45,7 @@ async def compare(servers: list[Server], args: argparse.Namespace) -> dict[str, 
                 row = (
                     await run_steps(
                         server.url,
-                        [Load("closed", args.clients)],
+                        [Load("open", args.rate) if args.rate else Load("closed", args.clients)],
                         corpus=corpus,
                         seed=args.seed,
                         duration_s=args.duration,
@@ -79,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline", required=True, help="the commit to compare with (e.g. HEAD~1, a hash)")
     parser.add_argument("--rounds", type=int, default=3, help="steps per server, alternating (default: %(default)s)")
     parser.add_argument("--clients", type=int, default=64, help="closed-loop clients (default: %(default)s)")
+    parser.add_argument("--rate", type=float, help="open loop at this many requests/s instead of closed loop")
     parser.add_argument("--duration", type=float, default=15, help="measured seconds a step (default: %(default)s)")
     parser.add_argument("--warmup", type=float, default=3, help="unmeasured seconds a step (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=1, help="corpus order (default: %(default)s)")
@@ -103,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             steps = uvloop.run(compare(servers, args))
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
-    print(f"{here['date']}, {here['machine']}; {args.rounds} x {args.duration:g} s at {args.clients} clients each")
+    load = f"{args.rate:g} req/s open loop" if args.rate else f"{args.clients} clients"
+    print(f"{here['date']}, {here['machine']}; {args.rounds} x {args.duration:g} s at {load} each")
     print(summary(steps, names))
     return 0
 

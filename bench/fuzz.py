@@ -48,11 +48,17 @@ def run_schemathesis(url: str, examples: int, seed: int) -> dict[str, Any]:
     cases = re.search(r"(\d+) generated, (.*)", output)
     summary = f"{cases.group(1)} test cases generated, {cases.group(2).strip()}" if cases else "no summary printed"
     return {
-        "command": shlex.join(["schemathesis", *args[1:]]),
+        "command": shlex.join(["schemathesis", *(_relative(arg) for arg in args[1:])]),
         "exit_code": result.returncode,
         "summary": summary,
-        "output_tail": output[-3000:],
+        "output_tail": output[-3000:].replace(str(CONFIG.parent.parent) + "/", ""),
     }
+
+
+def _relative(arg: str) -> str:
+    """A path inside the repository as the reader's checkout would name it."""
+    root = str(CONFIG.parent.parent) + "/"
+    return arg.removeprefix(root)
 
 
 def fuzz(examples: int, seed: int = 20261125) -> dict[str, Any]:
