@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: help run test lint typecheck pytest dataset train evaluate bench loadtest reliability soak fuzz clean
+.PHONY: help run test lint typecheck pytest dataset train evaluate bench loadtest reliability soak fuzz fleet image image-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -39,7 +39,11 @@ lint: $(VENV)/.dev  ## ruff lint and format check
 typecheck: $(VENV)/.dev  ## mypy --strict over the package and tests
 	$(VENV)/bin/mypy
 
-pytest: $(VENV)/.dev  ## the tests only
+deploy/validate/node_modules/.installed: deploy/validate/package-lock.json
+	cd deploy/validate && npm ci --silent --no-audit --no-fund
+	touch $@
+
+pytest: $(VENV)/.dev deploy/validate/node_modules/.installed  ## the tests only
 	$(PY) -m pytest -q $(ARGS)
 
 dataset: $(VENV)/.runtime  ## regenerate data/intents from scripts/dataset_phrases.py (fixed seed)
@@ -65,6 +69,15 @@ soak: reliability  ## the 10-minute soak is part of the reliability run (one run
 fuzz: $(VENV)/.dev  ## schemathesis against /openapi.json (3,000 examples per operation), then 3,000 raw HTTP requests
 	$(PY) -m bench.fuzz --examples 3000
 	$(PY) -m bench.http_fuzz --examples 3000
+
+fleet: $(VENV)/.dev  ## 3 replicas behind HAProxy: rolling restart and kill -9 under load (~2 min; apt-get install haproxy)
+	$(PY) -m bench.fleet $(ARGS)
+
+image: $(VENV)/.runtime  ## build the container image with podman (local Debian base and wheels when no registry is reachable)
+	deploy/image/build.sh
+
+image-test: image  ## build, run, probe and stop the image; checks it drained and exited 0
+	$(PY) -m bench.image_test
 
 clean:  ## remove the virtual environment and caches
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

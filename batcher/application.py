@@ -7,6 +7,7 @@ aiohttp waits for the handlers, so every admitted request is answered first).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
@@ -187,11 +188,23 @@ def create_metrics_app(main: web.Application) -> web.Application:
 async def lifecycle(app: web.Application, *, model: Model | None) -> AsyncIterator[None]:
     """Load and warm the model before the server listens; stop its workers at the very end."""
     models = app[MODELS]
-    models.add(await load_runtime(app[SETTINGS], app[METRICS], model=model, cancelled=lambda: models.draining))
+    metrics = app[METRICS]
+    models.add(await load_runtime(app[SETTINGS], metrics, model=model, cancelled=lambda: models.stopping))
+    refresher = asyncio.get_running_loop().create_task(refresh(metrics)) if metrics.multiprocess else None
     try:
         yield
     finally:
         await drain(app)  # a no-op when the shutdown signal already drained
+        if refresher is not None:
+            refresher.cancel()
+
+
+async def refresh(metrics: Metrics, every_s: float = 1.0) -> None:
+    """With several workers: what a scrape answered by another worker cannot read from this
+    one (its readiness, CPU and memory), written every second."""
+    while True:
+        metrics.refresh()
+        await asyncio.sleep(every_s)
 
 
 async def drain(app: web.Application) -> None:

@@ -76,6 +76,7 @@ class Batcher:
         self.accepting = False
         self.last_run_failed = False
         metrics.queue_capacity.set(settings.max_queue_size)
+        metrics.model_instances.set(worker.instances)
 
     @property
     def alive(self) -> bool:

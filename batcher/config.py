@@ -31,6 +31,13 @@ class ServerSettings:
     """Address to listen on."""
     port: int = 8000
     """TCP port to listen on."""
+    workers: int = 1
+    """Processes serving the port (SO_REUSEPORT: the kernel spreads connections over them),
+    each with its own event loop, batcher, ONNX Runtime session and `batching.instances`
+    model threads, under a parent that restarts one that dies. One event loop costs
+    ~190-290 µs of CPU per request here, which caps one process near 4,000 req/s: past
+    that (a GPU, many cores), add workers. Size workers x instances x
+    `model.intra_op_threads` to the cores (README "Sizing"); 1 fits 2 cores."""
     backlog: int = 2048
     """Pending TCP connections the kernel queues for accept (capped by net.core.somaxconn).
     A short backlog drops connection attempts in bursts, which clients see as 1 s stalls."""
@@ -75,6 +82,10 @@ class ServerSettings:
     """Serve /metrics."""
     metrics_port: int = 0
     """Serve /metrics on this port of server.host instead of the main listener; 0 = main listener."""
+    drain_delay_s: float = 0.0
+    """On SIGTERM, how long predictions are still admitted while /readyz already fails, so
+    load balancers and Kubernetes endpoints stop routing here first; new predictions get
+    503 after it. Every response from SIGTERM on carries `Connection: close`."""
     shutdown_timeout_s: float = 30.0
     """On SIGTERM/SIGINT, how long admitted requests may take to be answered; what is still
     unanswered then gets 503, and the process exits (a hung model run is left behind)."""
@@ -89,6 +100,8 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         _check_range("server.port", self.port, 0, 65535)
+        _check_range("server.workers", self.workers, 1, 256)
+        _check_range("server.drain_delay_s", self.drain_delay_s, 0, 3600)
         _check_range("server.backlog", self.backlog, 1, 65535)
         _check_range("server.client_max_size_bytes", self.client_max_size_bytes, 1024, 1 << 30)
         _check_range("server.max_batch_items", self.max_batch_items, 1, 100_000)

@@ -15,7 +15,6 @@ from typing import Any
 
 import orjson
 from aiohttp import web, web_protocol
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from batcher.auth import Access
 from batcher.batching import Prediction
@@ -29,7 +28,7 @@ from batcher.errors import (
     Unhealthy,
     snippet,
 )
-from batcher.metrics import Metrics
+from batcher.metrics import CONTENT_TYPE, Metrics
 from batcher.runtime import Models, Runtime
 from batcher.schemas import BatchPredictRequest, PredictRequest, validate
 from batcher.tokenization import Encoded
@@ -61,7 +60,7 @@ async def index(request: web.Request) -> web.Response:
             "model": runtime.name if runtime else "",
             "provider": runtime.provider if runtime else "none",
             "ready": models.ready,
-            "draining": models.draining,
+            "draining": models.stopping,
         }
     )
 
@@ -76,7 +75,7 @@ async def healthz(request: web.Request) -> web.Response:
 
 async def readyz(request: web.Request) -> web.Response:
     models = request.app[MODELS]
-    if models.draining:
+    if models.stopping:
         raise NotReady("server is shutting down")
     if not models.ready:
         raise NotReady("model is not loaded, not warm, or its last run failed")
@@ -155,8 +154,7 @@ def encode(request: web.Request, runtime: Runtime, body: PredictRequest) -> Enco
 
 
 async def metrics(request: web.Request) -> web.Response:
-    registry = request.app[METRICS].registry
-    return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
+    return web.Response(body=request.app[METRICS].exposition(), headers={"Content-Type": CONTENT_TYPE})
 
 
 async def openapi(request: web.Request) -> web.Response:

@@ -1,16 +1,33 @@
 """Every Prometheus metric batcher exposes: names, help and buckets in one place, on an
 injected registry so tests never share state. Labelled series are created up front so a
-dashboard sees zeros, not gaps, before the first error."""
+dashboard sees zeros, not gaps, before the first error.
+
+With several worker processes (server.workers > 1) prometheus-client's multiprocess mode
+is on (the parent sets PROMETHEUS_MULTIPROC_DIR before it starts them): every counter and
+histogram is summed over the workers, whichever one answers the scrape; each gauge says
+how (its `multiprocess_mode`: queue depths and capacities summed, readiness the minimum);
+process and event-loop CPU and memory are summed too, and also kept per worker in the
+`batcher_worker_*` gauges (label `worker`), refreshed every second by each worker.
+"""
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, disable_created_metrics
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
@@ -59,14 +76,24 @@ LATENCY_BUCKETS_S = (
 TOKENIZE_BUCKETS_S = (0.000005, 0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.005)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def multiprocess() -> bool:
+    """Whether this process is one of several workers sharing their metrics through files."""
+    return MULTIPROCESS_DIR in os.environ
 
 
 class Metrics:
-    """The metric families, registered on `registry`."""
+    """The metric families, registered on `registry`. `worker` labels this process's own
+    CPU and memory gauges when several workers serve (multiprocess mode)."""
 
-    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True, worker: int = 0) -> None:
         self.registry = registry or CollectorRegistry()
-        if process:
+        self.multiprocess = multiprocess()
+        self.worker = str(worker)
+        if process and not self.multiprocess:
             ProcessCollector(registry=self.registry)
         r = self.registry
         self.requests = Counter(
@@ -109,12 +136,30 @@ class Metrics:
         self.batch_tokens = Counter(
             "batcher_batch_tokens", "Token positions sent to the model, real or padding.", ["kind"], registry=r
         )
-        self.queue_depth = Gauge("batcher_queue_depth", "Requests admitted and waiting for a model run.", registry=r)
+        self.queue_depth = Gauge(
+            "batcher_queue_depth",
+            "Requests admitted and waiting for a model run (summed over workers).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.queue_capacity = Gauge(
-            "batcher_queue_capacity", "max_queue_size: queue depth that triggers 429.", registry=r
+            "batcher_queue_capacity",
+            "max_queue_size: queue depth that triggers 429 (summed over workers).",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.inflight_batches = Gauge(
-            "batcher_inflight_batches", "Model runs in progress or handed to a worker.", registry=r
+            "batcher_inflight_batches",
+            "Model runs in progress or handed to a model thread (summed over workers).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.model_instances = Gauge(
+            "batcher_model_instances",
+            "Model runs that may be in flight at once, batching.instances (summed over workers): "
+            "rate(batcher_model_busy_seconds_total) over it is the model's busy share.",
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.model_busy = Counter(
             "batcher_model_busy_seconds",
@@ -128,11 +173,24 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge(
-            "batcher_ready", "1 when the server accepts predictions (loaded, warm, not draining).", registry=r
+            "batcher_ready",
+            "1 when the server accepts predictions (loaded, warm, last run good, not draining); "
+            "with several workers, 1 only when every live worker is.",
+            registry=r,
+            multiprocess_mode="livemin",
         )
-        self.model_info = Info("batcher_model", "The model being served and the settings it runs with.", registry=r)
-        if process:
+        self.worker_restarts = Counter(
+            "batcher_worker_restarts",
+            "Worker processes restarted after exiting unasked (server.workers > 1).",
+            registry=r,
+        )
+        self._model_info: Gauge | None = None
+        self._ready_now: Callable[[], bool] = bool
+        self._usage: ProcessUsage | None = None
+        if process and not self.multiprocess:
             r.register(LoopThreadCPU())
+        elif process:
+            self._usage = ProcessUsage(r, self.worker)
         for route in ROUTES:
             self.request_duration.labels(route)
         for route in PREDICT_ROUTES:
@@ -155,8 +213,95 @@ class Metrics:
         children[1].observe(seconds)
 
     def describe_model(self, info: Mapping[str, str]) -> None:
-        """Publish the model and its settings (dots become underscores in label names)."""
-        self.model_info.info({key.replace(".", "_"): value for key, value in info.items()})
+        """Publish the model and its settings as the labels of batcher_model_info, value 1
+        (dots become underscores in label names)."""
+        labels = {key.replace(".", "_"): value for key, value in info.items()}
+        if self._model_info is None:
+            self._model_info = Gauge(
+                "batcher_model_info",
+                "The model being served and the settings it runs with.",
+                list(labels),
+                registry=self.registry,
+                multiprocess_mode="max",
+            )
+        self._model_info.labels(**labels).set(1)
+
+    def track_ready(self, ready: Callable[[], bool]) -> None:
+        """batcher_ready follows `ready()`: read at every scrape in one process, refreshed
+        every second (`refresh`) when several workers share their metrics through files."""
+        self._ready_now = ready
+        if not self.multiprocess:
+            self.ready.set_function(lambda: float(ready()))
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Update what one process cannot compute at another's scrape (multiprocess mode)."""
+        if self.multiprocess:
+            self.ready.set(float(self._ready_now()))
+        if self._usage is not None:
+            self._usage.update()
+
+    def exposition(self) -> bytes:
+        """The text format of every metric: this process's, or all workers' summed."""
+        if not self.multiprocess:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # its __init__ is unannotated
+        return generate_latest(merged)
+
+
+class ProcessUsage:
+    """A worker's CPU (process and event loop) and memory, for multiprocess mode, where the
+    collectors that read /proc at scrape time would only describe the worker that answers
+    it: totals summed over workers under the usual names, and per worker in gauges."""
+
+    def __init__(self, registry: CollectorRegistry, worker: str) -> None:
+        self._loop = LoopThreadCPU()
+        self._process = Path("/proc/self/stat")
+        self._ticks = _clock_ticks()
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        self._seen = (0.0, 0.0)
+        self.cpu = Counter(
+            "process_cpu_seconds", "CPU time of the server's processes (user + system).", registry=registry
+        )
+        self.loop_cpu = Counter(
+            "batcher_event_loop_cpu_seconds", "CPU time of the event-loop threads (user + system).", registry=registry
+        )
+        self.memory = Gauge(
+            "process_resident_memory_bytes",
+            "Resident memory of the server's processes (summed over workers).",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+
+        def per_worker(name: str, documentation: str) -> Gauge:
+            gauge = Gauge(name, documentation, ["worker"], registry=registry, multiprocess_mode="livemax")
+            return gauge.labels(worker)
+
+        self.worker_cpu = per_worker("batcher_worker_cpu_seconds", "CPU time of one worker process.")
+        self.worker_loop_cpu = per_worker(
+            "batcher_worker_event_loop_cpu_seconds", "CPU time of one worker's event-loop thread."
+        )
+        self.worker_memory = per_worker(
+            "batcher_worker_resident_memory_bytes", "Resident memory of one worker process."
+        )
+
+    def update(self) -> None:
+        try:
+            fields = self._process.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            return
+        cpu = (int(fields[11]) + int(fields[12])) / self._ticks  # utime + stime
+        loop = self._loop.seconds() or 0.0
+        memory = int(fields[21]) * self._page  # rss, in pages
+        last_cpu, last_loop = self._seen
+        self.cpu.inc(max(0.0, cpu - last_cpu))
+        self.loop_cpu.inc(max(0.0, loop - last_loop))
+        self._seen = (cpu, loop)
+        self.memory.set(memory)
+        self.worker_cpu.set(cpu)
+        self.worker_loop_cpu.set(loop)
+        self.worker_memory.set(memory)
 
 
 class LoopThreadCPU(Collector):
@@ -168,12 +313,17 @@ class LoopThreadCPU(Collector):
         self._stat = Path(f"/proc/self/task/{threading.get_native_id()}/stat")
         self._ticks = _clock_ticks()
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def seconds(self) -> float | None:
         try:
             fields = self._stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
+            return None
+        return (int(fields[11]) + int(fields[12])) / self._ticks  # utime + stime
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        seconds = self.seconds()
+        if seconds is None:
             return
-        seconds = (int(fields[11]) + int(fields[12])) / self._ticks  # utime + stime
         yield CounterMetricFamily(
             "batcher_event_loop_cpu_seconds", "CPU time of the event-loop thread (user + system).", value=seconds
         )

@@ -23,7 +23,7 @@ from batcher.errors import (
     loggable,
     snippet,
 )
-from batcher.handlers import ACCESS, METRICS, STARTED, json_response
+from batcher.handlers import ACCESS, METRICS, MODELS, STARTED, json_response
 from batcher.metrics import PREDICT_ROUTES, ROUTES
 from batcher.schemas import REQUEST_ID_PATTERN
 
@@ -73,6 +73,8 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     # Generated ids are random (sequential ones would tell a client the request volume).
     request_id = incoming if _REQUEST_ID_OK.match(incoming) else os.urandom(16).hex()
     response.headers[REQUEST_ID] = request_id
+    if request.app[MODELS].stopping:  # shutting down: clients reconnect, to another replica
+        response.force_close()
     metrics.answered(route, response.status, time.perf_counter() - started)
     if route in PREDICT_ROUTES and response.status in _INVALID_STATUSES:
         metrics.rejected.labels("invalid").inc()

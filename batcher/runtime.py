@@ -130,13 +130,16 @@ def warm_up(
 
 
 class Models:
-    """The runtimes being served, by name, and whether the server is draining."""
+    """The runtimes being served, by name, and where the server is in its shutdown:
+    `stopping` (from SIGTERM: not ready, connections closed after each answer, predictions
+    still admitted for server.drain_delay_s), then `draining` (new predictions get 503)."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._runtimes: dict[str, Runtime] = {}
         self.default: str | None = None
+        self.stopping = False
         self.draining = False
-        metrics.ready.set_function(lambda: float(self.ready))  # read at every scrape
+        metrics.track_ready(lambda: self.ready)
 
     def add(self, runtime: Runtime) -> None:
         """Serve `runtime`; the first one added is the default model."""
@@ -159,11 +162,11 @@ class Models:
 
     @property
     def ready(self) -> bool:
-        return not self.draining and bool(self._runtimes) and all(r.ready for r in self._runtimes.values())
+        return not self.stopping and bool(self._runtimes) and all(r.ready for r in self._runtimes.values())
 
     def alive(self, hang_s: float) -> bool:
         """Every batcher loop runs (or is draining) and no model run has lasted `hang_s`."""
-        if self.draining:
+        if self.stopping:
             return True
         return all(r.batcher.alive and r.batcher.longest_run_s < hang_s for r in self._runtimes.values())
 
@@ -171,9 +174,13 @@ class Models:
     def unanswered(self) -> int:
         return sum(runtime.batcher.unanswered for runtime in self._runtimes.values())
 
+    def begin_stopping(self) -> None:
+        """Readiness drops (load balancers stop routing here); predictions are still admitted."""
+        self.stopping = True
+
     def begin_drain(self) -> None:
-        """Readiness drops and new predictions get 503 from now on; queued work runs at once."""
-        self.draining = True
+        """New predictions get 503 from now on; queued work runs at once."""
+        self.stopping = self.draining = True
         for runtime in self._runtimes.values():
             runtime.batcher.begin_drain()
 

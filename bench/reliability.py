@@ -177,8 +177,8 @@ async def shutdown_under_load(corpus: Corpus, peak: float) -> dict[str, Any]:
     # the server's signal callback were read before the drain and answered like any other.
     match = DRAIN_LOG.search(stderr)
     drain_at = float(match.group(1)) if match else signalled
-    before = Counter(status for sent, status in events if sent < drain_at)
-    after = Counter(status for sent, status in events if sent >= drain_at)
+    before = Counter(status for sent, status, _ in events if sent < drain_at)
+    after = Counter(status for sent, status, _ in events if sent >= drain_at)
     return {
         "rate": rate,
         "before": dict(before),

@@ -57,8 +57,9 @@ class StepResult:
     """The same, measured from the moment the generator began sending the request (taking a
     connection, opening one if none is idle, writing) rather than from its schedule: the
     server's share of the latency, without the generator's own lateness."""
-    events: list[tuple[float, str]] | None = None
-    """(time the request was written, on the perf_counter clock; status) per request, when asked for."""
+    events: list[tuple[float, str, float]] | None = None
+    """(time the request was written, on the perf_counter clock; status; latency in seconds
+    from its schedule) per request, when asked for."""
     late: int = 0
     unsent: int = 0
     client_cpu_s: float = 0.0
@@ -71,7 +72,7 @@ class StepResult:
         self.statuses[status] += 1
         self.latency.record_value(latency_us)
         if self.events is not None:
-            self.events.append((sent, status))
+            self.events.append((sent, status, answered - scheduled))
         if status not in self.by_status:
             self.by_status[status] = new_histogram()
             self.by_status_from_send[status] = new_histogram()
@@ -149,11 +150,20 @@ class Driver:
         self.timeout_s = timeout_s
         self.progress = progress
         self._requests: dict[bytes, bytes] = {}
+        self._stop: asyncio.Event | None = None
 
     async def run(
-        self, load: Load, *, duration_s: float, warmup_s: float, on_measure_start: object = None, events: bool = False
+        self,
+        load: Load,
+        *,
+        duration_s: float,
+        warmup_s: float,
+        on_measure_start: object = None,
+        events: bool = False,
+        stop: asyncio.Event | None = None,
     ) -> StepResult:
-        """Warm up (results discarded), then measure for `duration_s`."""
+        """Warm up (results discarded), then measure for `duration_s`, or until `stop` is set."""
+        self._stop = stop
         loop = asyncio.get_running_loop()
         if warmup_s > 0:
             await self._drive(load, StepResult(load, warmup_s), loop.time() + warmup_s, record=False)
@@ -175,9 +185,12 @@ class Driver:
         else:
             await self._schedule(load, result, end, record)
 
+    def _stopped(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
+
     async def _client(self, result: StepResult, end: float, record: bool) -> None:
         loop = asyncio.get_running_loop()
-        while loop.time() < end:
+        while loop.time() < end and not self._stopped():
             await self._send(result, time.perf_counter(), record)
 
     async def _schedule(self, load: Load, result: StepResult, end: float, record: bool) -> None:
@@ -188,7 +201,7 @@ class Driver:
         offset = time.perf_counter() - scheduled  # loop clock -> perf_counter clock
         while True:
             scheduled += rng.expovariate(load.value) if load.arrival == "poisson" else 1 / load.value
-            if scheduled >= end:
+            if scheduled >= end or self._stopped():
                 break
             delay = scheduled - loop.time()
             if delay > 0:
@@ -214,8 +227,10 @@ class Driver:
             status = _status_bucket(await self.client.send(request, self.timeout_s))
         except TimeoutError:
             status = "timeout"
+        except ConnectionRefusedError:
+            status = "refused"  # at connect: nothing was sent, the client may try elsewhere
         except (ConnectionError, OSError):
-            status = "connection_error"
+            status = "connection_error"  # cut: the request was (perhaps) sent, no answer came
         if record:
             result.record(status, scheduled=started, sent=sent, answered=time.perf_counter())
 
@@ -226,7 +241,11 @@ class Driver:
             await asyncio.sleep(0.5 if interactive else 5)
             elapsed = loop.time() - started
             done = min(1.0, elapsed / duration_s)
-            errors = result.answered - result.ok + result.statuses["timeout"] + result.statuses["connection_error"]
+            errors = (
+                result.answered
+                - result.ok
+                + sum(result.statuses[s] for s in ("timeout", "refused", "connection_error"))
+            )
             line = (
                 f"[{'#' * int(done * 24):<24}] {result.load.label} {elapsed:5.1f}/{duration_s:.0f}s "
                 f"{result.answered / max(elapsed, 1e-9):7.1f} req/s ok={result.ok} errors={errors} "

@@ -64,10 +64,12 @@ class Connection(asyncio.Protocol):
 
 
 class HttpClient:
-    """POSTs over a pool of at most `max_connections` keep-alive connections to host:port."""
+    """POSTs over a pool of at most `max_connections` keep-alive connections to host:port;
+    with `fresh_connections`, a new connection for every request (`Connection: close`)."""
 
-    def __init__(self, host: str, port: int, *, max_connections: int = 8192) -> None:
+    def __init__(self, host: str, port: int, *, max_connections: int = 8192, fresh_connections: bool = False) -> None:
         self.host, self.port = host, port
+        self.fresh_connections = fresh_connections
         self.max_connections = max_connections
         self.idle: list[Connection] = []
         self.open = 0
@@ -77,8 +79,9 @@ class HttpClient:
 
     def request(self, path: str, body: bytes) -> bytes:
         """The bytes of one POST (build once, send many times)."""
+        close = "Connection: close\r\n" if self.fresh_connections else ""
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{close}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         return head.encode() + body

@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import gc
 import hashlib
+import itertools
+import json
 import logging
+import os
 import resource
 import signal
 import socket
@@ -19,9 +23,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-import app
+from batcher import server as process
 from bench.reliability import DRAIN_LOG
 from bench.servers import free_port, rss_bytes
+from loadtest.driver import Driver, Load
+from loadtest.http import HttpClient
 from tests.processes import ROOT, finish, start, wait_ready
 from tests.tiny_model import build_bundle
 
@@ -100,8 +106,8 @@ async def test_sigterm_with_100_in_flight_answers_all_and_exits_0(slow_bundle: P
 def test_tune_gc_freezes_start_up_objects_and_raises_the_young_threshold() -> None:
     before = gc.get_threshold()
     try:
-        app.tune_gc()
-        assert gc.get_threshold() == (app.GC_GEN0_THRESHOLD, before[1], before[2])
+        process.tune_gc()
+        assert gc.get_threshold() == (process.GC_GEN0_THRESHOLD, before[1], before[2])
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
@@ -296,3 +302,105 @@ def test_sigterm_during_warm_up_stops_cleanly(slow_bundle: Path) -> None:
     code, output = finish(process, 20)
     assert code == 0, "".join(lines) + output
     assert "stopped during start-up" in output and "Traceback" not in output
+
+
+def scrape_value(url: str, sample: str) -> float:
+    """One sample of /metrics over a new connection (so workers take turns answering)."""
+    with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as sock:
+        sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        text = b""
+        while chunk := sock.recv(65536):
+            text += chunk
+    for line in text.decode().splitlines():
+        if line.startswith(sample + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def test_two_workers_serve_one_port_and_every_scrape_counts_every_request(tiny_bundle: Path) -> None:
+    process, url = start(tiny_bundle, "server.workers=2")
+    wait_ready(process, url)
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as session:
+            for _ in range(30):  # new connections: the kernel spreads them over both workers
+                statuses = await asyncio.gather(
+                    *(session.post(f"{url}/predict", json={"turns": [{"text": "播放周杰伦的歌"}]}) for _ in range(10))
+                )
+                assert [r.status for r in statuses] == [200] * 10
+        await asyncio.sleep(1.5)  # each worker refreshes its own CPU and memory gauges every second
+        served = 'batcher_requests_total{route="/predict",status="200"}'
+        assert [scrape_value(url, served) for _ in range(10)] == [300.0] * 10
+        workers = [scrape_value(url, f'batcher_worker_resident_memory_bytes{{worker="{i}"}}') for i in (0, 1)]
+        assert all(memory > 0 for memory in workers)
+        assert scrape_value(url, "batcher_ready") == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, 30)
+    assert code == 0 and "Traceback" not in output, output
+    assert output.count("stopped") >= 2  # both workers drained
+
+
+def test_a_worker_that_dies_is_restarted_and_counted(tiny_bundle: Path) -> None:
+    process, url = start(tiny_bundle, "server.workers=2")
+    wait_ready(process, url)
+    try:
+        children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+        workers = [int(pid) for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(workers) == 2, children  # (multiprocessing's resource tracker is a child too)
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        restarts = 0.0
+        while restarts < 1:
+            assert time.monotonic() < deadline, "the worker was not restarted"
+            time.sleep(0.2)
+            with contextlib.suppress(ConnectionResetError):  # queued on the killed worker's socket
+                restarts = scrape_value(url, "batcher_worker_restarts_total")
+        wait_ready(process, url)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        code, output = finish(process, 30)
+    assert code == 0, output
+    assert "exited unasked (code -9); restarting in 1 s" in output
+
+
+async def test_drain_delay_keeps_admitting_while_not_ready_then_refuses(tiny_bundle: Path) -> None:
+    process, url = start(tiny_bundle, "server.drain_delay_s=1.5", "server.shutdown_timeout_s=5")
+    wait_ready(process, url)
+    body = {"turns": [{"text": "播放周杰伦的歌"}]}
+    async with aiohttp.ClientSession() as session:
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        async with session.get(f"{url}/readyz") as response:
+            assert response.status == 503
+        async with session.post(f"{url}/predict", json=body) as response:
+            assert response.status == 200  # still admitted: load balancers are still catching up
+            assert response.headers["Connection"].lower() == "close"
+    code, output = finish(process, 20)
+    assert code == 0 and "Traceback" not in output, output
+    # Refusals began 1.5 s after the signal (nothing was left to answer, so it exited then).
+    stamps = {
+        event: datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f")
+        for line in output.splitlines()
+        for event in ("not ready", "draining")
+        if f"SIGTERM: {event}" in line
+    }
+    assert (stamps["draining"] - stamps["not ready"]).total_seconds() == pytest.approx(1.5, abs=0.3)
+
+
+async def test_128_clients_on_new_connections_are_never_cut_at_sigterm(tiny_bundle: Path) -> None:
+    """Every request is answered (200 or 503) or refused at connect; none is cut after it
+    connected, which closing a listener with a full accept queue used to do."""
+    process, url = start(tiny_bundle, "server.shutdown_timeout_s=5")
+    wait_ready(process, url)
+    client = HttpClient("127.0.0.1", int(url.rsplit(":", 1)[1]), fresh_connections=True)
+    bodies = itertools.cycle([json.dumps({"turns": [{"text": "播放周杰伦的歌"}]}).encode()])
+    driver = Driver(client, "/predict", bodies, seed=1, timeout_s=10, progress=False)
+    load = asyncio.ensure_future(driver.run(Load("closed", 128), duration_s=4, warmup_s=0))
+    await asyncio.sleep(2)
+    process.send_signal(signal.SIGTERM)
+    result = await load
+    await client.close()
+    code, output = finish(process, 20)
+    assert code == 0 and "Traceback" not in output, output
+    assert result.statuses["200"] > 100 and result.statuses["503"] + result.statuses["refused"] > 0
+    assert set(result.statuses) <= {"200", "503", "refused"}, result.statuses

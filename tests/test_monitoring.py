@@ -1,7 +1,8 @@
 """deploy/: promtool accepts the Prometheus config and alert rules (and their unit tests
-pass), and every Grafana panel query returns data from a real Prometheus scraping a real
-batcher under load. Skips, saying why, only where the Prometheus binaries are absent
-(`.ci/run` installs Debian's `prometheus` package)."""
+pass), and every Grafana panel query, and the autoscalers' queries (prometheus-adapter's
+rule for the HPA, KEDA's trigger), return data from a real Prometheus scraping a real
+batcher under load, served by two worker processes. Skips, saying why, only where the
+Prometheus binaries are absent (`.ci/run` installs Debian's `prometheus` package)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from bench.servers import free_port
 from tests.processes import ROOT, finish, start, wait_ready
@@ -71,6 +73,18 @@ def start_prometheus(config: Path, storage: Path, port: int) -> subprocess.Popen
     return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def autoscaler_queries() -> dict[str, str]:
+    """The HPA's metric as prometheus-adapter asks Prometheus for it (its template filled in
+    for one scrape target), and KEDA's trigger query, both from the shipped manifests."""
+    adapter = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter-rules.yaml").read_text())
+    rule = yaml.safe_load(adapter["data"]["config.yaml"])["rules"][0]
+    keda = yaml.safe_load((DEPLOY / "k8s" / "keda-scaledobject.yaml").read_text())
+    return {
+        "hpa": rule["metricsQuery"].replace("<<.LabelMatchers>>", 'job="batcher"').replace("<<.GroupBy>>", "instance"),
+        "keda": keda["spec"]["triggers"][0]["metadata"]["query"].replace('namespace="batcher"', 'job="batcher"'),
+    }
+
+
 def concrete(expr: str) -> str:
     """A panel query with Grafana's variables filled in as Grafana would for 'All'."""
     return expr.replace("$__rate_interval", "15s").replace("$job", ".*").replace("$instance", ".*")
@@ -98,7 +112,7 @@ async def query(session: aiohttp.ClientSession, prometheus: str, expr: str) -> l
 
 @needs_prometheus
 async def test_every_dashboard_query_returns_data_from_real_prometheus(tiny_bundle: Path, tmp_path: Path) -> None:
-    server, url = start(tiny_bundle)
+    server, url = start(tiny_bundle, "server.workers=2")
     wait_ready(server, url)
     port = free_port()
     config = tmp_path / "prometheus.yml"
@@ -130,6 +144,14 @@ async def test_every_dashboard_query_returns_data_from_real_prometheus(tiny_bund
                 if not missing:
                     break
             assert not missing, "queries without data:\n" + "\n".join(missing)
+            # What the autoscalers act on: the busy share (0 to 1 per pod) and busy instances.
+            scaling = {name: await query(session, prometheus_url, expr) for name, expr in autoscaler_queries().items()}
+            busy_share = [float(item["value"][1]) for item in scaling["hpa"]]
+            assert len(busy_share) == 1 and 0 < busy_share[0] <= 1, scaling
+            busy_instances = float(scaling["keda"][0]["value"][1])
+            assert busy_instances == pytest.approx(busy_share[0] * 4, rel=0.5)  # 2 workers x 2 instances
+            workers = await query(session, prometheus_url, "count(batcher_worker_resident_memory_bytes)")
+            assert workers and float(workers[0]["value"][1]) == 2
             async with session.get(f"{prometheus_url}/api/v1/rules") as response:
                 rules = await response.json()
             assert len(rules["data"]["groups"][0]["rules"]) == 6

@@ -49,7 +49,7 @@ def results(refused_p99_ms: float, *, lost: int = 0) -> dict[str, Any]:
         "shutdown": {
             "rate": 3000,
             "before": before,
-            "after": {"503": 900, "connection_error": 12_000},
+            "after": {"503": 900, "refused": 12_000},
             "drain_delay_ms": 0.4,
             "exit_code": 0,
             "exit_s": 0.4,
@@ -146,3 +146,10 @@ def test_the_http_fuzz_section_says_met_only_when_nothing_failed(tmp_path: Path)
     assert "| 400 malformed_http | 2000 |" in clean
     broken = render({**results(4.0), "http_fuzz": {**fuzz, "failed": 2, "failures": ["500 answered"]}}, tmp_path)
     assert "NOT met." in broken and "- `500 answered`" in broken
+
+
+def test_a_request_cut_after_the_drain_breaks_its_bound(tmp_path: Path) -> None:
+    cut = results(4.0)
+    cut["shutdown"]["after"] = {"503": 900, "refused": 11_000, "connection_error": 3}
+    row = bound_row(render(cut, tmp_path), "| new requests after the drain began")
+    assert row.endswith("**not met** |")

@@ -1,0 +1,43 @@
+# batcher's container image. `make image` builds it, `make image-test` builds it, runs it,
+# checks /readyz and POST /predict, then stops it and checks that it drained and exited 0.
+#
+#   docker build -t batcher .                                  # any machine that reaches PyPI
+#   docker run --rm -p 8000:8000 batcher                       # serves the bundled model
+#   docker run --rm -p 8000:8000 batcher --set server.workers=2
+#
+# BASE is any Debian-based image with Python 3.11 (python:3.11-slim by default). Where no
+# registry is reachable, `make image` builds one from Debian's packages (deploy/image/base.sh)
+# and passes it here, and fills wheelhouse/ with the wheels pip would download.
+ARG BASE=python:3.11-slim
+
+FROM ${BASE} AS build
+# 1: install only from wheelhouse/ (a build that cannot reach PyPI); 0: PyPI as well.
+ARG PIP_NO_INDEX=0
+COPY requirements.txt /build/
+COPY wheelhouse/ /wheelhouse/
+RUN python3 -m venv /opt/batcher \
+    && /opt/batcher/bin/pip install --no-cache-dir --disable-pip-version-check --find-links /wheelhouse \
+        -r /build/requirements.txt
+
+FROM ${BASE}
+# A system user with no home and no shell; the image never runs as root.
+RUN useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin batcher
+COPY --from=build /opt/batcher /opt/batcher
+WORKDIR /app
+COPY app.py config.toml ./
+COPY batcher/ batcher/
+COPY models/intent-zh/ models/intent-zh/
+# No .pyc files (the root filesystem may be read-only); logs unbuffered; /tmp for the
+# metrics of several worker processes (a writable emptyDir on Kubernetes).
+ENV PATH=/opt/batcher/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+EXPOSE 8000
+# Liveness from inside the container, with the Python it already has (no curl in the image).
+HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
+    CMD ["python3", "-c", "import sys, urllib.request as u; sys.exit(u.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+STOPSIGNAL SIGTERM
+# Exec form: app.py is PID 1 and receives SIGTERM itself, so it drains before it exits.
+ENTRYPOINT ["python3", "app.py"]
+CMD []

@@ -1,0 +1,116 @@
+"""`make image-test`: run the image `make image` built, check /readyz and POST /predict, then
+stop it the way an orchestrator does (`podman stop`: SIGTERM, then SIGKILL after a grace
+period) with requests in flight, and check that every request was answered, the process
+drained and exited 0, as user 10001, with no traceback in its log.
+
+    python -m bench.image_test [--image localhost/batcher:latest]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any
+
+import aiohttp
+
+from bench.servers import free_port
+
+RUNTIME = os.environ.get("CONTAINER_RUNTIME", "podman")
+# Podman's default OCI runtime (crun) refuses hybrid cgroups here; runc works (deploy/image/build.sh).
+RUNTIME_FLAGS = ["--runtime", "runc"] if RUNTIME == "podman" and shutil.which("runc") else []
+LIMITS = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+
+
+def container(*args: str, check: bool = True) -> str:
+    result = subprocess.run([RUNTIME, *RUNTIME_FLAGS, *args], capture_output=True, text=True, check=False)
+    if check and result.returncode != 0:
+        raise SystemExit(f"{RUNTIME} {' '.join(args)}: {result.stderr.strip()}")
+    return result.stdout.strip()
+
+
+async def exercise(url: str) -> dict[str, Any]:
+    body = {"turns": [{"speaker": "user", "text": "播放周杰伦的歌"}]}
+    async with aiohttp.ClientSession() as session:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                async with session.get(f"{url}/readyz") as response:
+                    if response.status == 200:
+                        break
+            except aiohttp.ClientError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit("image-test: the container never became ready")
+            await asyncio.sleep(0.5)
+        ready_after_s = round(120 - (deadline - time.monotonic()), 1)
+        async with session.post(f"{url}/predict", json=body) as response:
+            first = {"status": response.status, **(await response.json())}
+
+        async def one() -> int | str:
+            try:
+                async with session.post(f"{url}/predict", json=body) as response:
+                    await response.read()
+                    return response.status
+            except aiohttp.ClientError as exc:
+                return type(exc).__name__
+
+        in_flight = [asyncio.ensure_future(one()) for _ in range(64)]
+        await asyncio.sleep(0.05)
+        return {"ready_after_s": ready_after_s, "first": first, "in_flight": in_flight}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--image", default="localhost/batcher:latest", help="the image to run (default: %(default)s)")
+    args = parser.parse_args()
+    port = free_port()
+    name = f"batcher-image-test-{port}"
+    container("run", "-d", "--name", name, *LIMITS, "-p", f"127.0.0.1:{port}:8000", args.image)
+    try:
+        result = asyncio.run(run(name, f"http://127.0.0.1:{port}"))
+    finally:
+        container("rm", "-f", name, check=False)
+    print(json.dumps(result, indent=1, ensure_ascii=False))
+    ok = (
+        result["first"]["status"] == 200
+        and result["first"]["intent_name"] == "音乐播放"
+        and all(status in (200, 503) for status in result["in_flight"])
+        and result["exit_code"] == 0
+        and result["drained"]
+        and not result["tracebacks"]
+        and result["user"] == "10001:10001"
+    )
+    print("image-test: " + ("passed" if ok else "FAILED"), file=sys.stderr)
+    sys.exit(0 if ok else 1)
+
+
+async def run(name: str, url: str) -> dict[str, Any]:
+    seen = await exercise(url)
+    stopped = time.monotonic()
+    stop = asyncio.get_running_loop().run_in_executor(None, container, "stop", "-t", "30", name)
+    in_flight = await asyncio.gather(*seen["in_flight"])
+    await stop
+    exit_code = int(container("inspect", "--format", "{{.State.ExitCode}}", name))
+    log = container("logs", name)
+    return {
+        "ready_after_s": seen["ready_after_s"],
+        "first": seen["first"],
+        "in_flight": sorted(in_flight, key=str),
+        "stop_s": round(time.monotonic() - stopped, 2),
+        "exit_code": exit_code,
+        "drained": "stopped" in log and "SIGTERM" in log,
+        "tracebacks": log.count("Traceback"),
+        "user": container("inspect", "--format", "{{.Config.User}}", name),
+        "log_tail": log.splitlines()[-6:],
+    }
+
+
+if __name__ == "__main__":
+    main()
