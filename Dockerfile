@@ -27,11 +27,12 @@ WORKDIR /app
 COPY app.py config.toml ./
 COPY batcher/ batcher/
 COPY models/intent-zh/ models/intent-zh/
-# No .pyc files (the root filesystem may be read-only); logs unbuffered; /tmp for the
-# metrics of several worker processes (a writable emptyDir on Kubernetes).
+# No .pyc files (the root filesystem may be read-only); logs unbuffered; /tmp (a writable
+# emptyDir on Kubernetes) for the metrics of several worker processes and as HOME.
 ENV PATH=/opt/batcher/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp
 USER 10001:10001
 EXPOSE 8000
 # Liveness from inside the container, with the Python it already has (no curl in the image).

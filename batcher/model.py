@@ -19,6 +19,9 @@ from batcher.config import ModelSettings
 from batcher.errors import BundleError, StartupError
 
 log = logging.getLogger(__name__)
+# The server reports nothing about itself to anyone; ONNX Runtime would otherwise also try to
+# store a telemetry device id under $HOME, which a read-only container does not have.
+ort.disable_telemetry_events()
 
 _OPTIMIZATION = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
