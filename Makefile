@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: help run test lint typecheck pytest dataset train evaluate bench loadtest reliability soak fuzz fleet image image-test clean
+.PHONY: help run test lint typecheck pytest dataset train evaluate bench loadtest reliability soak fuzz fleet scaling image image-test clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
@@ -72,6 +72,9 @@ fuzz: $(VENV)/.dev  ## schemathesis against /openapi.json (3,000 examples per op
 
 fleet: $(VENV)/.dev  ## 3 replicas behind HAProxy: rolling restart and kill -9 under load (~2 min; apt-get install haproxy)
 	$(PY) -m bench.fleet $(ARGS)
+
+scaling: $(VENV)/.dev  ## SCALING.md: workers 1 vs 2, the per-process overhead ceiling, the fleet, capacity table (~6 min)
+	$(PY) -m bench.scaling $(ARGS)
 
 image: $(VENV)/.runtime  ## build the container image with podman (local Debian base and wheels when no registry is reachable)
 	deploy/image/build.sh

@@ -30,6 +30,7 @@ from batcher.handlers import METRICS, MODELS
 from batcher.listener import empty_backlog, open_listener
 from batcher.metrics import Metrics
 from batcher.runtime import Models
+from batcher.worker import Model
 
 log = logging.getLogger("batcher")
 # The cyclic GC's first-generation threshold (CPython's default: 700). Under a 3x overload the
@@ -79,10 +80,11 @@ class Shutdown:
         log.info("%s: draining %d unanswered requests (monotonic %.6f)", self.signal_name, self.models.unanswered, now)
 
 
-async def serve(settings: Settings, *, worker: int = 0, restarted: bool = False) -> None:
-    """Serve until a signal, then shut down in the order the module docstring gives."""
+async def serve(settings: Settings, *, worker: int = 0, restarted: bool = False, model: Model | None = None) -> None:
+    """Serve until a signal, then shut down in the order the module docstring gives. `model`
+    replaces the bundle's ONNX session (the benchmark's instant model; no setting reaches it)."""
     server = settings.server
-    app = create_app(settings, metrics=Metrics(worker=worker))
+    app = create_app(settings, metrics=Metrics(worker=worker), model=model)
     if restarted:
         app[METRICS].worker_restarts.inc()
     shutdown = Shutdown(app[MODELS])

@@ -34,27 +34,28 @@ FIELDS: tuple[tuple[str, Callable[[dict[str, Any]], float]], ...] = (
 )
 
 
-async def compare(servers: list[Server], args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
-    corpus = Corpus(args.corpus, seed=args.seed)
+async def alternate(
+    servers: list[Server], load: Load, *, rounds: int, duration_s: float, warmup_s: float, corpus: Corpus, seed: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Every server up at once, one step each in turn (A B A B ...), `rounds` times: drift of
+    a shared machine hits all alike. The step rows by server name."""
     steps: dict[str, list[dict[str, Any]]] = {server.name: [] for server in servers}
     for server in servers:
         server.__enter__()
     try:
-        for round_ in range(args.rounds):
+        for round_ in range(rounds):
             for server in servers:
-                row = (
-                    await run_steps(
-                        server.url,
-                        [Load("open", args.rate) if args.rate else Load("closed", args.clients)],
-                        corpus=corpus,
-                        seed=args.seed,
-                        duration_s=args.duration,
-                        warmup_s=args.warmup,
-                        progress=False,
-                    )
-                )[0]
-                steps[server.name].append(row)
-                cells = ", ".join(f"{label} {get(row):.1f}" for label, get in FIELDS)
+                rows = await run_steps(
+                    server.url,
+                    [load],
+                    corpus=corpus,
+                    seed=seed,
+                    duration_s=duration_s,
+                    warmup_s=warmup_s,
+                    progress=False,
+                )
+                steps[server.name].append(rows[0])
+                cells = ", ".join(f"{label} {get(rows[0]):.1f}" for label, get in FIELDS)
                 print(f"round {round_ + 1} {server.name}: {cells}", file=sys.stderr)
     finally:
         for server in servers:
@@ -101,11 +102,23 @@ def main(argv: list[str] | None = None) -> int:
                 batcher_server(names[0], *args.overrides, tree=tree),
                 batcher_server(names[1], *args.overrides),
             ]
-            steps = uvloop.run(compare(servers, args))
+            load = Load("open", args.rate) if args.rate else Load("closed", args.clients)
+            corpus = Corpus(args.corpus, seed=args.seed)
+            steps = uvloop.run(
+                alternate(
+                    servers,
+                    load,
+                    rounds=args.rounds,
+                    duration_s=args.duration,
+                    warmup_s=args.warmup,
+                    corpus=corpus,
+                    seed=args.seed,
+                )
+            )
         finally:
             subprocess.run(["git", "worktree", "remove", "--force", str(tree)], cwd=ROOT, check=False)
-    load = f"{args.rate:g} req/s open loop" if args.rate else f"{args.clients} clients"
-    print(f"{here['date']}, {here['machine']}; {args.rounds} x {args.duration:g} s at {load} each")
+    described = f"{args.rate:g} req/s open loop" if args.rate else f"{args.clients} clients"
+    print(f"{here['date']}, {here['machine']}; {args.rounds} x {args.duration:g} s at {described} each")
     print(summary(steps, names))
     return 0
 
