@@ -147,9 +147,8 @@ def render(results: dict[str, Any]) -> str:
     for key, label in labels.items():
         p = phases[key]
         statuses = ", ".join(f"{k}: {v}" for k, v in p["statuses"].items())
-        lines.append(
-            f"| {label} | {p['seconds']} | {p['requests']} | **{p['failed']}** | {statuses} | {p['p50_ms']} | {p['p99_ms']} |"
-        )
+        figures = f"{p['seconds']} | {p['requests']} | **{p['failed']}** | {statuses} | {p['p50_ms']} | {p['p99_ms']}"
+        lines.append(f"| {label} | {figures} |")
     lines += [
         "",
         "During the rolling restart each replica got SIGTERM, stopped being ready at once, kept admitting for "
