@@ -37,8 +37,11 @@ CUDA = "CUDAExecutionProvider"
 class OnnxModel:
     """One ONNX Runtime session; `run` is safe to call from several threads at once."""
 
-    def __init__(self, bundle: ModelBundle, settings: ModelSettings) -> None:
-        self.session, self.provider = _create_session(bundle.model_path, settings)
+    def __init__(self, bundle: ModelBundle, settings: ModelSettings, provider: str | None = None) -> None:
+        """`provider`: what `usable_provider` found (found again here when not given)."""
+        provider = provider or usable_provider(settings, bundle.model_path)
+        self.provider = provider
+        self.session = _session(bundle.model_path, _options(settings), [provider] if provider == CPU else [CUDA, CPU])
         inputs = {node.name: node for node in self.session.get_inputs()}
         if "input_ids" not in inputs:
             raise BundleError(f"{bundle.model_path}: the graph has no input_ids input (has {', '.join(inputs)})")
@@ -67,7 +70,27 @@ class OnnxModel:
         return logits
 
 
-def _create_session(path: Path, settings: ModelSettings) -> tuple[ort.InferenceSession, str]:
+def usable_provider(settings: ModelSettings, probe: Path) -> str:
+    """CUDA when model.device asks for it (or is "auto") and a session of `probe` really runs
+    there; else the CPU. model.device = "cuda" without a usable GPU stops start-up."""
+    want_cuda = settings.device == "cuda" or (settings.device == "auto" and CUDA in ort.get_available_providers())
+    if not want_cuda:
+        return CPU
+    # onnxruntime-gpu lists CUDA even where its libraries are missing, then logs errors
+    # and falls back; keep those quiet and judge by the providers the session really has.
+    ort.set_default_logger_severity(4)
+    try:
+        session = _session(probe, _options(settings), [CUDA, CPU])
+    finally:
+        ort.set_default_logger_severity(2)
+    if session.get_providers()[0] == CUDA:
+        return CUDA
+    if settings.device == "cuda":
+        raise StartupError("model.device = 'cuda' but ONNX Runtime cannot run on CUDA here; use 'auto' or 'cpu'")
+    return CPU
+
+
+def _options(settings: ModelSettings) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
     options.inter_op_num_threads = settings.inter_op_threads
@@ -76,22 +99,7 @@ def _create_session(path: Path, settings: ModelSettings) -> tuple[ort.InferenceS
     options.add_session_config_entry("session.intra_op.allow_spinning", spinning)
     options.add_session_config_entry("session.inter_op.allow_spinning", spinning)
     options.log_severity_level = 3
-    want_cuda = settings.device == "cuda" or (settings.device == "auto" and CUDA in ort.get_available_providers())
-    if not want_cuda:
-        return _session(path, options, [CPU]), CPU
-    # onnxruntime-gpu lists CUDA even where its libraries are missing, then logs errors
-    # and falls back; keep those quiet and judge by the providers the session really has.
-    ort.set_default_logger_severity(4)
-    try:
-        session = _session(path, options, [CUDA, CPU])
-    finally:
-        ort.set_default_logger_severity(2)
-    provider = session.get_providers()[0]
-    if provider != CUDA:
-        if settings.device == "cuda":
-            raise StartupError("model.device = 'cuda' but ONNX Runtime cannot run on CUDA here; use 'auto' or 'cpu'")
-        return _session(path, options, [CPU]), CPU
-    return session, CUDA
+    return options
 
 
 def _session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:

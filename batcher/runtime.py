@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from batcher.batching import Batcher
-from batcher.bundle import ModelBundle, load_bundle
+from batcher.bundle import ModelBundle, choose_graph, load_bundle
 from batcher.config import Settings
 from batcher.errors import Draining, NotReady, StartupCancelled
 from batcher.metrics import Metrics
-from batcher.model import OnnxModel
+from batcher.model import CUDA, OnnxModel, usable_provider
 from batcher.tokenization import TextEncoder
 from batcher.worker import Model, Worker
 
@@ -71,10 +71,16 @@ async def load_runtime(
             raise StartupCancelled()
         return await loop.run_in_executor(None, function, *args)
 
-    bundle = await step(load_bundle, settings.model_dir, settings.model.file)
+    directory, file = settings.model_dir, settings.model.file
+    provider = None
+    if model is None:  # the device decides the graph when model.file = "auto"
+        probe = directory / choose_graph(directory, file, on_gpu=False)  # any graph tells whether CUDA runs
+        provider = await step(usable_provider, settings.model, probe)
+    file = choose_graph(directory, file, on_gpu=provider == CUDA)
+    bundle = await step(load_bundle, directory, file)
     encoder = await step(TextEncoder.from_bundle, bundle.directory, settings.model.max_seq_len)
     if model is None:
-        model = await step(OnnxModel, bundle, settings.model)
+        model = await step(OnnxModel, bundle, settings.model, provider)
     name = settings.model.name or bundle.name
     log.info("model %s (sha256 %s) runs on %s", name, bundle.sha256[:12], model.provider)
     warm = partial(

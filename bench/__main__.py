@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 import uvloop
 
+from batcher.bundle import choose_graph
 from batcher.config import load_settings
 from bench import profile
 from bench.servers import MODEL, ROOT, Server, batcher_server, naive_server, provenance
@@ -58,6 +59,12 @@ TUNING_LAYOUTS = (
 )
 
 
+def served_graph() -> str:
+    """The graph batcher serves with the shipped config on this CPU: every server in the
+    benchmark, and the in-process ceiling, run that same file."""
+    return choose_graph(MODEL, load_settings(ROOT / "config.toml", env={}).model.file, on_gpu=False)
+
+
 def ceiling(corpus: Corpus, seconds: float) -> dict[str, Any]:
     """Best in-process sequences/s over batch sizes and thread layouts."""
     import onnxruntime as ort
@@ -73,7 +80,7 @@ def ceiling(corpus: Corpus, seconds: float) -> dict[str, Any]:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        return ort.InferenceSession(str(MODEL / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(MODEL / served_graph()), options, providers=["CPUExecutionProvider"])
 
     def worker(sess: Any, batches: Sequence[tuple[np.ndarray, ...]], stop: float, counts: list[int]) -> None:
         done = 0
@@ -241,8 +248,8 @@ async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
     for server in (
         batcher_server("batcher (defaults)"),
         batcher_server("batcher max_batch_size=1", "batching.max_batch_size=1"),
-        naive_server("naive, padded to 128", "max"),
-        naive_server("naive, dynamic padding", "dynamic"),
+        naive_server("naive, padded to 128", "max", served_graph()),
+        naive_server("naive, dynamic padding", "dynamic", served_graph()),
     ):
         print(f"== {server.name}", file=sys.stderr)
         with server:

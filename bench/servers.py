@@ -82,21 +82,10 @@ def batcher_server(name: str, *overrides: str, tree: Path = ROOT) -> Server:
     return Server(name, args, cwd=tree)
 
 
-def naive_server(name: str, padding: str) -> Server:
-    return Server(
-        name,
-        [
-            sys.executable,
-            "-m",
-            "bench.baselines.naive_server",
-            "--model",
-            str(MODEL),
-            "--port",
-            "{port}",
-            "--padding",
-            padding,
-        ],
-    )
+def naive_server(name: str, padding: str, graph: str = "model.onnx") -> Server:
+    """The old one-run-per-request design (bench/baselines/naive_server.py) on `graph`."""
+    args = [sys.executable, "-m", "bench.baselines.naive_server", "--model", str(MODEL), "--port", "{port}"]
+    return Server(name, [*args, "--padding", padding, "--graph", graph])
 
 
 def machine() -> str:

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from batcher.bundle import load_bundle
+from batcher.bundle import choose_graph, load_bundle
 from batcher.config import ModelSettings
 from batcher.errors import BundleError, StartupError
 from batcher.model import CPU, OnnxModel
@@ -116,3 +116,25 @@ def test_graph_file_is_configurable(tmp_path: Path, tiny_bundle: Path) -> None:
     assert load_bundle(bundle_dir, "other.onnx").model_path.name == "other.onnx"
     with pytest.raises(BundleError, match=r"model\.onnx is missing"):
         load_bundle(bundle_dir)
+
+
+@pytest.mark.parametrize(
+    ("files", "on_gpu", "chosen"),
+    [
+        (["model.onnx", "model.int8.onnx"], False, "model.int8.onnx"),
+        (["model.onnx"], False, "model.onnx"),
+        (["model.onnx", "model.int8.onnx"], True, "model.onnx"),
+        (["model.onnx", "model.int8.onnx", "model.fp16.onnx"], True, "model.fp16.onnx"),
+    ],
+)
+def test_auto_picks_the_graph_for_the_device(tmp_path: Path, files: list[str], on_gpu: bool, chosen: str) -> None:
+    for name in files:
+        (tmp_path / name).write_bytes(b"graph")
+    assert choose_graph(tmp_path, "auto", on_gpu=on_gpu) == chosen
+    assert choose_graph(tmp_path, "model.onnx", on_gpu=on_gpu) == "model.onnx"  # a name always wins
+
+
+def test_auto_without_a_graph_for_the_device_says_so(tmp_path: Path) -> None:
+    (tmp_path / "model.int8.onnx").write_bytes(b"graph")
+    with pytest.raises(BundleError, match=r"found none of model\.fp16\.onnx, model\.onnx"):
+        choose_graph(tmp_path, "auto", on_gpu=True)

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from tokenizers import Tokenizer
 
-from batcher.dialogue import dialogue_text  # the same model text as batcher builds
+from batcher.dialogue import char_budget, dialogue_text  # the same model text as batcher builds
 
 
 class Turn(BaseModel):
@@ -35,16 +35,18 @@ class PredictRequest(BaseModel):
 
 
 class ONNXPredictor:
-    def __init__(self, model_dir: Path, max_seq_length: int, padding: str, threads: int) -> None:
+    def __init__(
+        self, model_dir: Path, max_seq_length: int, padding: str, threads: int, graph: str = "model.onnx"
+    ) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(model_dir / "model.onnx"), options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(str(model_dir / graph), options, providers=["CPUExecutionProvider"])
         self.tokenizer = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
         self.tokenizer.enable_truncation(max_length=max_seq_length, direction="left")
         if padding == "max":
             self.tokenizer.enable_padding(length=max_seq_length)
         self.labels = json.loads((model_dir / "labels.json").read_text(encoding="utf-8"))
-        self.max_chars = max_seq_length * 4
+        self.max_chars = char_budget(max_seq_length)
         for _ in range(3):  # "the model warms up 3 times at start-up" (old guide, FAQ)
             self.predict([Turn(text="你好")], False)
 
@@ -97,8 +99,9 @@ def main() -> None:
     parser.add_argument("--padding", choices=["max", "dynamic"], default="max", help="pad to 128, or to the request")
     parser.add_argument("--max-seq-length", type=int, default=128, help="the old max_seq_length")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = all cores)")
+    parser.add_argument("--graph", default="model.onnx", help="graph file in the bundle (default: %(default)s)")
     args = parser.parse_args()
-    predictor = ONNXPredictor(args.model, args.max_seq_length, args.padding, args.threads)
+    predictor = ONNXPredictor(args.model, args.max_seq_length, args.padding, args.threads, args.graph)
     uvicorn.run(create_app(predictor), host=args.host, port=args.port, workers=1, log_level="warning")
 
 
