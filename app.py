@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import logging.handlers
 import sys
 from pathlib import Path
 
@@ -89,6 +90,14 @@ def configure_logging(settings: Settings, *, worker: int | None) -> None:
         force=True,
     )
     install_log_filters()
+    predictions = logging.getLogger("batcher.predictions")
+    predictions.setLevel(logging.INFO)  # sampled by log.predictions, whatever server.log_level says
+    if settings.log.predictions_file:
+        # JSON lines only, reopened when logrotate moves the file; not in the server's log.
+        handler = logging.handlers.WatchedFileHandler(settings.resolve(settings.log.predictions_file), encoding="utf-8")
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        predictions.handlers[:] = [handler]
+        predictions.propagate = False
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import aiohttp_cors
 from aiohttp import HttpVersion11, web, web_protocol, web_urldispatcher
 from aiohttp.http_exceptions import HttpProcessingError
 
-from batcher import __version__, docs, handlers
+from batcher import __version__, docs, handlers, oip
 from batcher.auth import Access, load_tokens
 from batcher.config import Settings
 from batcher.errors import ExpectationFailed, HTTPError, InternalError, MalformedHTTP, loggable, snippet
@@ -27,7 +27,7 @@ from batcher.handlers import ACCESS, METRICS, MODELS, OPENAPI, SERVICE_TITLE, SE
 from batcher.metrics import Metrics
 from batcher.middleware import REQUEST_ID, observe
 from batcher.openapi import build_openapi
-from batcher.runtime import Models, load_runtime
+from batcher.runtime import Models
 from batcher.worker import Model
 
 log = logging.getLogger(__name__)
@@ -39,19 +39,26 @@ def create_app(settings: Settings, *, metrics: Metrics | None = None, model: Mod
     app = web.Application(client_max_size=settings.server.client_max_size_bytes, middlewares=[observe])
     app[SETTINGS] = settings
     app[METRICS] = metrics = metrics or Metrics()
-    app[MODELS] = Models(metrics)
+    app[MODELS] = Models(settings, metrics)
     server = settings.server
     tokens = load_tokens(server.auth_tokens_file, server.auth_tokens_env, settings.base_dir)
     if tokens:
         log.info("bearer-token auth on the predict routes: %d token(s)", len(tokens))
     app[ACCESS] = Access(tokens, frozenset(server.cors_origins))
-    app[OPENAPI] = build_openapi(SERVICE_TITLE, __version__, server)
+    app[OPENAPI] = build_openapi(SERVICE_TITLE, __version__, settings)
     app.router.add_get("/", handlers.index)
     app.router.add_get("/healthz", handlers.healthz)
     app.router.add_get("/readyz", handlers.readyz)
     app.router.add_get("/intents", handlers.intents)
     app.router.add_post("/predict", handlers.predict)
     app.router.add_post("/predict/batch", handlers.predict_batch)
+    app.router.add_get("/models", handlers.models)
+    app.router.add_post("/models/{name}/predict", handlers.predict)
+    app.router.add_post("/models/{name}/predict/batch", handlers.predict_batch)
+    app.router.add_get("/models/{name}/intents", handlers.intents)
+    if server.admin_enabled:
+        app.router.add_post("/models/{name}/reload", handlers.reload)
+    oip.add_routes(app)
     if server.expose_metrics and not server.metrics_port:
         app.router.add_get("/metrics", handlers.metrics)
     if server.expose_docs:
@@ -189,7 +196,7 @@ async def lifecycle(app: web.Application, *, model: Model | None) -> AsyncIterat
     """Load and warm the model before the server listens; stop its workers at the very end."""
     models = app[MODELS]
     metrics = app[METRICS]
-    models.add(await load_runtime(app[SETTINGS], metrics, model=model, cancelled=lambda: models.stopping))
+    await models.load_all(model=model)
     refresher = asyncio.get_running_loop().create_task(refresh(metrics)) if metrics.multiprocess else None
     try:
         yield

@@ -32,7 +32,7 @@ from batcher.errors import (
     NotReady,
     PayloadTooLarge,
 )
-from batcher.metrics import Metrics
+from batcher.metrics import ModelMetrics
 from batcher.policy import NOW, QueueState, WaitPolicy
 from batcher.queue import BatchLimits, Pending, RequestQueue
 from batcher.tokenization import Encoded
@@ -54,12 +54,14 @@ class Prediction:
     inference_ms: float
     queue_ms: float
     batch_size: int
+    cached: bool = False
+    """Answered from the response cache: no queue, no model run (times and batch size 0)."""
 
 
 class Batcher:
     """Owns the queue and the batch loop; hands batches to a `Worker`."""
 
-    def __init__(self, worker: Worker, *, settings: BatchingSettings, metrics: Metrics) -> None:
+    def __init__(self, worker: Worker, *, settings: BatchingSettings, metrics: ModelMetrics) -> None:
         self._worker = worker
         self._metrics = metrics
         self._limits = BatchLimits(settings.max_batch_size, settings.max_batch_tokens)
@@ -108,7 +110,7 @@ class Batcher:
         try:
             self._queue.check_room(rows)
         except HTTPError:
-            self._metrics.rejected.labels("queue_full").inc()
+            self._metrics.rejected["queue_full"].inc()
             raise
 
     def submit(self, encoded: Encoded) -> asyncio.Future[Prediction]:
@@ -131,7 +133,7 @@ class Batcher:
         if not self.accepting:
             raise Draining()
         if not self.alive:
-            self._metrics.rejected.labels("not_ready").inc()
+            self._metrics.rejected["not_ready"].inc()
             raise NotReady("the batcher is not running")
 
     def _admit(self, encoded: Encoded) -> asyncio.Future[Prediction]:
@@ -210,9 +212,9 @@ class Batcher:
         for entry in selection.dropped:
             self._cancel_timer(entry)
             if entry.future.cancelled():
-                self._metrics.rejected.labels("disconnected").inc()
+                self._metrics.rejected["disconnected"].inc()
         for entry in selection.expired:
-            self._metrics.rejected.labels("deadline").inc()
+            self._metrics.rejected["deadline"].inc()
             self._fail(entry, DeadlineExceeded())
         self._metrics.queue_depth.set(len(self._queue))
         if not selection.batch:
@@ -239,7 +241,7 @@ class Batcher:
 
     def _model_failed(self, entries: list[Pending]) -> None:
         self.last_run_failed = True
-        self._metrics.rejected.labels("model_error").inc(len(entries))
+        self._metrics.rejected["model_error"].inc(len(entries))
         for entry in entries:
             self._fail(entry, ModelFailed())
         self._schedule_probe()
@@ -253,7 +255,7 @@ class Batcher:
         skipped = [entry for index, entry in enumerate(batch) if index not in done]
         for entry in skipped:
             self._cancel_timer(entry)
-        metrics.rejected.labels("disconnected").inc(sum(entry.future.cancelled() for entry in skipped))
+        metrics.rejected["disconnected"].inc(sum(entry.future.cancelled() for entry in skipped))
         if not run.rows:
             return
         self.last_run_failed = False
@@ -262,8 +264,8 @@ class Batcher:
         metrics.model_busy.inc(seconds)
         metrics.batch_size.observe(len(run.rows))
         metrics.padding_ratio.observe(1 - run.real_tokens / run.padded_tokens)
-        metrics.batch_tokens.labels("real").inc(run.real_tokens)
-        metrics.batch_tokens.labels("padding").inc(run.padded_tokens - run.real_tokens)
+        metrics.real_tokens.inc(run.real_tokens)
+        metrics.padding_tokens.inc(run.padded_tokens - run.real_tokens)
         best = run.probabilities.argmax(axis=1).tolist()
         inference_ms = seconds * 1000
         for position, index in enumerate(run.rows):
@@ -322,7 +324,7 @@ class Batcher:
     def _expire(self, entry: Pending) -> None:
         """Deadline timer: answer 504 now, whether the request is queued or in a run."""
         if not entry.future.done():
-            self._metrics.rejected.labels("deadline").inc()
+            self._metrics.rejected["deadline"].inc()
             entry.future.set_exception(DeadlineExceeded())
 
     def _fail_queued(self, error: HTTPError) -> None:

@@ -19,6 +19,9 @@ class ModelBundle:
     model_path: Path
     labels: list[str]
     sha256: str
+    """The graph file's SHA-256."""
+    version: str
+    """The bundle's content hash (graph, tokenizer, labels), shortened: what a reload compares."""
 
     @property
     def name(self) -> str:
@@ -52,7 +55,21 @@ def load_bundle(directory: Path, file: str = "model.onnx") -> ModelBundle:
     if not model_path.is_file():
         raise BundleError(f"{model_path} is missing")
     digest = hashlib.sha256(model_path.read_bytes()).hexdigest()
-    return ModelBundle(directory, model_path, _read_labels(directory), digest)
+    return ModelBundle(directory, model_path, _read_labels(directory), digest, bundle_version(directory, file))
+
+
+VERSIONED = ("tokenizer.json", "vocab.txt", "labels.json", "config.json")
+
+
+def bundle_version(directory: Path, file: str) -> str:
+    """The content hash of what serving reads from a bundle: the graph, the tokenizer and the
+    labels. Twelve hex digits; the same files give the same version on every machine."""
+    digest = hashlib.sha256()
+    for name in (file, *VERSIONED):
+        path = directory / name
+        if path.is_file():
+            digest.update(name.encode() + b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:12]
 
 
 def _read_labels(directory: Path) -> list[str]:

@@ -22,6 +22,7 @@ from batcher.errors import ConfigError
 Device = Literal["auto", "cpu", "cuda"]
 GraphOptimization = Literal["disable", "basic", "extended", "all"]
 LogLevel = Literal["debug", "info", "warning", "error"]
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _ORIGIN = re.compile(r"https?://([A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(:[0-9]{1,5})?")
 
 
@@ -76,6 +77,9 @@ class ServerSettings:
     is off, responses carry no CORS headers and preflight requests get 405."""
     cors_max_age_s: int = 600
     """How long a browser may cache a preflight answer."""
+    admin_enabled: bool = False
+    """Serve `POST /models/{name}/reload` (behind the bearer tokens when any are set); off,
+    the route answers 404 and only SIGHUP reloads."""
     expose_docs: bool = True
     """Serve /docs and /openapi.json."""
     expose_metrics: bool = True
@@ -136,8 +140,9 @@ class ModelSettings:
     """Graph file inside the bundle. "auto": the quantized `model.int8.onnx` on the CPU when the
     bundle has it (same accuracy, ~1.4x the sequences/s here), `model.fp16.onnx` or else
     `model.onnx` on CUDA (dynamic int8 runs on the CPU only). A name serves that file."""
-    name: str = ""
-    """Name shown in `GET /` and metrics; empty means the bundle directory's name."""
+    name: str = "intent-zh"
+    """The model's name: in its routes (`/models/{name}/predict`), `GET /models`, the
+    `model` label of every metric, and the Open Inference Protocol's routes."""
     max_seq_len: int = 128
     """Longest token sequence fed to the model; longer dialogues keep their end."""
     device: Device = "auto"
@@ -156,6 +161,8 @@ class ModelSettings:
     """Warm-up passes over several batch sizes and lengths before /readyz turns 200."""
 
     def __post_init__(self) -> None:
+        if not _MODEL_NAME.fullmatch(self.name):
+            raise ConfigError(f"model.name = {self.name!r}: letters, digits, '_' and '-' only, at most 64")
         _check_range("model.max_seq_len", self.max_seq_len, 8, 8192)
         _check_range("model.intra_op_threads", self.intra_op_threads, 0, 256)
         _check_range("model.inter_op_threads", self.inter_op_threads, 0, 256)
@@ -208,24 +215,75 @@ class BatchingSettings:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class CacheSettings:
+    max_entries: int = 0
+    """Answers kept in an LRU keyed by model version and token ids: a repeated dialogue is
+    answered without queueing or running the model. 0 = off. Each entry holds one row of
+    probabilities (a few hundred bytes)."""
+
+    def __post_init__(self) -> None:
+        _check_range("cache.max_entries", self.max_entries, 0, 10_000_000)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LogSettings:
+    predictions: float = 0.0
+    """Share of answered predictions written as one JSON line each (logger
+    `batcher.predictions`): time, request id, model and version, intent, confidence, batch
+    size, queue and inference ms. 0 = off, 1 = every one."""
+    prediction_text: bool = False
+    """Include the dialogue's turns in those lines. Off by default: it is user data."""
+    predictions_file: str = ""
+    """Write the prediction lines to this file (JSON lines, reopened when rotated) instead of
+    the server's log. A relative path is resolved against the config file's directory."""
+
+    def __post_init__(self) -> None:
+        _check_range("log.predictions", self.predictions, 0.0, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One model to serve: its name, bundle settings, batching settings and bundle directory."""
+
+    name: str
+    model: ModelSettings
+    batching: BatchingSettings
+    directory: Path
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Settings:
     server: ServerSettings = dataclasses.field(default_factory=ServerSettings)
     model: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     batching: BatchingSettings = dataclasses.field(default_factory=BatchingSettings)
+    cache: CacheSettings = dataclasses.field(default_factory=CacheSettings)
+    log: LogSettings = dataclasses.field(default_factory=LogSettings)
+    models: tuple[ModelSpec, ...] = ()
+    """More models than the default one, from `[models.NAME]` tables (same keys as [model],
+    plus a `[models.NAME.batching]` table that overrides [batching])."""
     base_dir: Path = Path(".")
     """Directory relative model paths are resolved against (the config file's)."""
 
     @property
     def model_dir(self) -> Path:
-        path = Path(self.model.path)
-        return path if path.is_absolute() else self.base_dir / path
+        return self.resolve(self.model.path)
 
-    def describe(self) -> dict[str, str]:
-        """Flat `section.key -> value` view, for logs and the model-info metric."""
+    def resolve(self, path: str) -> Path:
+        return Path(path) if Path(path).is_absolute() else self.base_dir / path
+
+    @property
+    def served(self) -> tuple[ModelSpec, ...]:
+        """Every model to serve, the default ([model]) first."""
+        return (ModelSpec(self.model.name, self.model, self.batching, self.model_dir), *self.models)
+
+    def describe(self, spec: ModelSpec | None = None) -> dict[str, str]:
+        """Flat `section.key -> value` view of one model's settings, for logs and the
+        model-info metric (the default model's without `spec`)."""
+        spec = spec or self.served[0]
         flat: dict[str, str] = {}
-        for section in _SECTIONS:
-            for field in dataclasses.fields(getattr(self, section)):
-                flat[f"{section}.{field.name}"] = str(getattr(getattr(self, section), field.name))
+        for section, values in (("server", self.server), ("model", spec.model), ("batching", spec.batching)):
+            for field in dataclasses.fields(values):
+                flat[f"{section}.{field.name}"] = str(getattr(values, field.name))
         return flat
 
 
@@ -233,7 +291,10 @@ _SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "model": ModelSettings,
     "batching": BatchingSettings,
+    "cache": CacheSettings,
+    "log": LogSettings,
 }
+MODELS = "models"
 ENV_PREFIX = "BATCHER_"
 # Durations are named and given in seconds (`_s`). Keys of the old millisecond names still
 # work, converted, with a warning: (section, old key) -> (new key, factor to seconds).
@@ -249,8 +310,9 @@ def load_settings(
     env: Mapping[str, str] | None = None,
     overrides: Iterable[str] = (),
 ) -> Settings:
-    """Read `path` (if given), then environment overrides, then `section.key=value` overrides."""
-    raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTIONS}
+    """Read `path` (if given), then environment overrides, then `section.key=value` overrides
+    (`models.NAME.key=value` and `models.NAME.batching.key=value` for the extra models)."""
+    raw: dict[str, dict[str, Any]] = {name: {} for name in (*_SECTIONS, MODELS)}
     base_dir = Path(".")
     if path is not None:
         base_dir = path.parent
@@ -258,16 +320,37 @@ def load_settings(
     env_values = os.environ if env is None else env
     for key, value in sorted(env_values.items()):
         if key.startswith(ENV_PREFIX) and "__" in key:
-            section, _, name = key[len(ENV_PREFIX) :].lower().partition("__")
-            _merge(raw, {section: {name: _parse_scalar(value)}}, source=f"environment {key}")
+            path_parts = key[len(ENV_PREFIX) :].lower().split("__")
+            _merge(raw, _nested(path_parts, _parse_scalar(value)), source=f"environment {key}")
     for item in overrides:
         dotted, sep, value = item.partition("=")
-        section, dot, name = dotted.strip().partition(".")
-        if not sep or not dot:
+        parts = dotted.strip().split(".")
+        if not sep or len(parts) < 2:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. batching.max_wait_s=0.002")
-        _merge(raw, {section: {name: _parse_scalar(value.strip())}}, source=f"--set {item}")
+        _merge(raw, _nested(parts, _parse_scalar(value.strip())), source=f"--set {item}")
     sections = {name: _build_section(name, raw[name]) for name in _SECTIONS}
-    return Settings(base_dir=base_dir, **sections)
+    models = tuple(_build_model(name, table, sections, base_dir) for name, table in raw[MODELS].items())
+    names = [sections["model"].name, *(spec.name for spec in models)]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"model names must be unique; got {', '.join(names)}")
+    return Settings(base_dir=base_dir, models=models, **sections)
+
+
+def _nested(path: list[str], value: Any) -> dict[str, Any]:
+    """["models", "b", "file"], v -> {"models": {"b": {"file": v}}}."""
+    tree: Any = value
+    for part in reversed(path):
+        tree = {part: tree}
+    return dict(tree)
+
+
+def _build_model(name: str, table: Mapping[str, Any], sections: Mapping[str, Any], base_dir: Path) -> ModelSpec:
+    """One [models.NAME] table: the default model's settings, overridden by the table."""
+    values = {key: value for key, value in table.items() if key != "batching"}
+    model = _build_section("model", {**dataclasses.asdict(sections["model"]), **values, "name": name})
+    batching = _build_section("batching", {**dataclasses.asdict(sections["batching"]), **table.get("batching", {})})
+    path = Path(model.path)
+    return ModelSpec(name, model, batching, path if path.is_absolute() else base_dir / path)
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -282,19 +365,44 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _merge(raw: dict[str, dict[str, Any]], values: Mapping[str, Any], *, source: str) -> None:
     for section, table in values.items():
-        if section not in _SECTIONS:
-            allowed = ", ".join(_SECTIONS)
+        if section not in _SECTIONS and section != MODELS:
+            allowed = ", ".join((*_SECTIONS, MODELS))
             raise ConfigError(f"{source}: unknown section [{section}]; allowed: {allowed}")
         if not isinstance(table, Mapping):
             raise ConfigError(f"{source}: [{section}] must be a table")
-        known = {field.name for field in dataclasses.fields(_SECTIONS[section])}
-        for key, value in table.items():
-            if (section, key) in RENAMED:
-                key, value = _renamed(section, key, value, source)
-            if key not in known:
-                allowed = ", ".join(sorted(known))
-                raise ConfigError(f"{source}: unknown key {section}.{key}; allowed: {allowed}")
-            raw[section][key] = value
+        if section == MODELS:
+            for name, model in table.items():
+                _merge_model(raw[MODELS], name, model, source=source)
+        else:
+            _merge_table(raw[section], section, table, source=source)
+
+
+def _merge_table(target: dict[str, Any], section: str, table: Mapping[str, Any], *, source: str) -> None:
+    known = {field.name for field in dataclasses.fields(_SECTIONS[section])}
+    for key, value in table.items():
+        if (section, key) in RENAMED:
+            key, value = _renamed(section, key, value, source)
+        if key not in known:
+            allowed = ", ".join(sorted(known))
+            raise ConfigError(f"{source}: unknown key {section}.{key}; allowed: {allowed}")
+        target[key] = value
+
+
+def _merge_model(models: dict[str, Any], name: str, table: Any, *, source: str) -> None:
+    if not _MODEL_NAME.fullmatch(name):
+        raise ConfigError(f"{source}: [models.{name}]: a model name is letters, digits, '_' and '-' only")
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{source}: [models.{name}] must be a table")
+    target = models.setdefault(name, {})
+    for key, value in table.items():
+        if key == "batching":
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"{source}: [models.{name}.batching] must be a table")
+            _merge_table(target.setdefault("batching", {}), "batching", value, source=source)
+        elif key == "name":
+            raise ConfigError(f"{source}: models.{name}.name: the table's name is the model's name")
+        else:
+            _merge_table(target, "model", {key: value}, source=source)
 
 
 def _renamed(section: str, key: str, value: Any, source: str) -> tuple[str, Any]:

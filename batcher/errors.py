@@ -83,6 +83,12 @@ class NotFound(HTTPError):
     default_message = "no such route"
 
 
+class ModelNotFound(HTTPError):
+    status = 404
+    type = "model_not_found"
+    default_message = "no such model"
+
+
 class MethodNotAllowed(HTTPError):
     status = 405
     type = "method_not_allowed"
@@ -147,6 +153,12 @@ class ModelFailed(HTTPError):
     status = 500
     type = "model_error"
     default_message = "model run failed"
+
+
+class ReloadFailed(HTTPError):
+    status = 500
+    type = "reload_failed"
+    default_message = "the model's new bundle did not load; the old version keeps serving"
 
 
 class InternalError(HTTPError):

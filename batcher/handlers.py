@@ -1,7 +1,9 @@
 """HTTP handlers: parse and validate, tokenize, hand to the batcher, render with orjson.
 
-A prediction walks down once: the model's runtime (503 while loading or draining), the
-queue's room (429), the body (400/413/422), the tokenizer, the batcher, the response.
+A prediction walks down once: the queue's room (429, before any parsing), the body
+(400/413/422), the model's runtime (404/503; taken after the body is read, with no await
+until its batcher has the rows, so a reload in between hands over the new version and
+never a closing one), the tokenizer, the cache, the batcher, the response.
 Handlers never block: the only per-request work on the loop is JSON parsing, validation
 and tokenizing one short text (~10-20 µs); everything batch-sized runs on the worker.
 """
@@ -9,8 +11,14 @@ and tokenizing one short text (~10-20 µs); everything batch-sized runs on the w
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import logging
+import os
+import random
+import signal
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import orjson
@@ -24,6 +32,7 @@ from batcher.errors import (
     InvalidJSON,
     NotReady,
     PayloadTooLarge,
+    ReloadFailed,
     RequestTimeout,
     Unhealthy,
     snippet,
@@ -41,8 +50,11 @@ ACCESS = web.AppKey("access", Access)
 OPENAPI = web.AppKey("openapi", dict)
 SERVICE_TITLE = "batcher: 意图识别 ONNX 推理服务"
 STARTED = web.RequestKey("started", float)
+REQUEST_ID = web.RequestKey("request_id", str)
+predictions_log = logging.getLogger("batcher.predictions")
 LARGE_BODY_BYTES = 64 * 1024
 TIMING_HEADERS = ("x-queue-time-ms", "x-inference-time-ms", "x-batch-size")
+MODEL_VERSION = "x-model-version"
 
 
 def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -83,37 +95,126 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def intents(request: web.Request) -> web.Response:
-    runtime = request.app[MODELS].find()
-    labels = runtime.labels if runtime else []
-    return json_response({"intents": [{"id": index, "name": name} for index, name in enumerate(labels)]})
+    """The default model's intents, or /models/{name}/intents."""
+    runtime = request.app[MODELS].find(request.match_info.get("name"))
+    if runtime is None:
+        request.app[MODELS].get(request.match_info.get("name"))  # 404 for an unknown name, else 503
+        raise NotReady()
+    return json_response({"intents": [{"id": index, "name": name} for index, name in enumerate(runtime.labels)]})
+
+
+async def models(request: web.Request) -> web.Response:
+    served = request.app[MODELS]
+    described = []
+    for name in served.names:
+        runtime = served.find(name)
+        described.append(runtime.describe() if runtime else {"name": name, "ready": False})
+    return json_response({"default": served.default, "models": described})
 
 
 async def predict(request: web.Request) -> web.Response:
-    runtime = request.app[MODELS].get()
-    runtime.batcher.check_admission()
+    """POST /predict (the default model) and /models/{name}/predict."""
+    name = request.match_info.get("name")
+    request.app[MODELS].get(name).batcher.check_admission()  # 429 before any parsing
     data = await read_json(request, batch=False)
+    runtime = request.app[MODELS].get(name)  # after the last await before admission: see the module's docstring
     body = validate(PredictRequest, data)
-    prediction = await runtime.batcher.submit(encode(request, runtime, body))
+    prediction = (await predict_rows(request, runtime, [encode(request, runtime, body)]))[0]
+    log_predictions(request, runtime, [body], [prediction])
     result = render(runtime.labels, body, prediction, request[STARTED])
-    return json_response(result, headers=timing_headers(prediction))
+    return json_response(result, headers={**timing_headers(prediction), MODEL_VERSION: runtime.version})
 
 
 async def predict_batch(request: web.Request) -> web.Response:
-    runtime = request.app[MODELS].get()
+    """POST /predict/batch (the default model) and /models/{name}/predict/batch."""
     data = await read_json(request, batch=True)
+    runtime = request.app[MODELS].get(request.match_info.get("name"))
     body = validate(BatchPredictRequest, data)
-    encoded = [encode(request, runtime, item) for item in body.items]
-    futures = runtime.batcher.submit_all(encoded)  # all admitted, or none
+    predictions = await predict_rows(request, runtime, [encode(request, runtime, item) for item in body.items])
+    log_predictions(request, runtime, body.items, predictions)
+    started = request[STARTED]
+    results = [render(runtime.labels, item, p, started) for item, p in zip(body.items, predictions, strict=True)]
+    return json_response({"results": results}, headers={MODEL_VERSION: runtime.version})
+
+
+async def reload(request: web.Request) -> web.Response:
+    """POST /models/{name}/reload (server.admin_enabled): re-read the bundle from disk. With
+    several workers, this one reloads and asks the parent to have the others do the same."""
+    name = request.match_info["name"]
+    result = await request.app[MODELS].reload(name)
+    workers = request.app[SETTINGS].server.workers
+    if workers > 1:
+        os.kill(os.getppid(), signal.SIGHUP)  # the parent passes it to every worker: each reloads what changed
+        result["workers"] = f"this worker; the parent relays SIGHUP to all {workers}"
+    if result["status"] == "failed":
+        error = ReloadFailed(
+            f"model {name}: the new bundle did not load; version {result['version']} keeps serving: {result['reason']}"
+        )
+        return json_response({**error.body(), **result}, status=error.status)
+    return json_response(result)
+
+
+async def predict_rows(request: web.Request, runtime: Runtime, rows: list[Encoded]) -> list[Prediction]:
+    """Each row's prediction, from the cache or a model run; rows to compute are admitted
+    together or not at all (429/413)."""
+    cache = runtime.cache
+    if cache is None:
+        futures = [runtime.batcher.submit(rows[0])] if len(rows) == 1 else runtime.batcher.submit_all(rows)
+        return await gathered(futures)
+    keys = [tuple(row.ids) for row in rows]
+    found: list[Prediction | None] = [cache.get(key) for key in keys]
+    missing = [index for index, hit in enumerate(found) if hit is None]
+    runtime.metrics.cache_hits.inc(len(rows) - len(missing))
+    runtime.metrics.cache_misses.inc(len(missing))
+    computed = await gathered(runtime.batcher.submit_all([rows[index] for index in missing])) if missing else []
+    for index, prediction in zip(missing, computed, strict=True):
+        cache.put(keys[index], prediction)
+        found[index] = prediction
+    return [
+        prediction
+        if index in missing
+        else dataclasses.replace(prediction, queue_ms=0.0, inference_ms=0.0, batch_size=0, cached=True)
+        for index, prediction in enumerate(found)
+        if prediction is not None
+    ]
+
+
+async def gathered(futures: list[asyncio.Future[Prediction]]) -> list[Prediction]:
+    """Every future's prediction; on any failure or cancellation the others are cancelled."""
     try:
-        predictions = await asyncio.gather(*futures)
+        return list(await asyncio.gather(*futures))
     except BaseException:
         for future in futures:
             future.cancel()
         raise
-    started = request[STARTED]
-    return json_response(
-        {"results": [render(runtime.labels, item, p, started) for item, p in zip(body.items, predictions, strict=True)]}
-    )
+
+
+def log_predictions(
+    request: web.Request, runtime: Runtime, bodies: Sequence[PredictRequest], predictions: Sequence[Prediction]
+) -> None:
+    """One JSON line per sampled answer (log.predictions): the text only with log.prediction_text."""
+    settings = request.app[SETTINGS].log
+    if not settings.predictions:
+        return
+    for body, prediction in zip(bodies, predictions, strict=True):
+        if settings.predictions < 1 and random.random() >= settings.predictions:
+            continue
+        record: dict[str, Any] = {
+            "time": time.time(),
+            "request_id": request[REQUEST_ID],
+            "model": runtime.name,
+            "version": runtime.version,
+            "intent": runtime.labels[prediction.intent_id],
+            "intent_id": prediction.intent_id,
+            "confidence": round(prediction.confidence, 4),
+            "batch_size": prediction.batch_size,
+            "queue_ms": round(prediction.queue_ms, 3),
+            "inference_ms": round(prediction.inference_ms, 3),
+            "cached": prediction.cached,
+        }
+        if settings.prediction_text:
+            record["turns"] = [{"speaker": turn.speaker, "text": turn.text} for turn in body.turns]
+        predictions_log.info(orjson.dumps(record).decode())
 
 
 def check_sizes(data: Any, server: ServerSettings, *, batch: bool = False) -> None:
@@ -149,7 +250,7 @@ def encode(request: web.Request, runtime: Runtime, body: PredictRequest) -> Enco
     """The dialogue's token ids, timed into batcher_tokenize_duration_seconds."""
     started = time.perf_counter()
     encoded = runtime.encoder.encode_dialogue((turn.speaker, turn.text) for turn in body.turns)
-    request.app[METRICS].tokenize.observe(time.perf_counter() - started)
+    runtime.metrics.tokenize.observe(time.perf_counter() - started)
     return encoded
 
 
@@ -162,27 +263,10 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def read_json(request: web.Request, *, batch: bool) -> Any:
-    """The parsed body: 413 past client_max_size (checked before reading), 408 if it arrives
-    slower than body_read_timeout_s, 400 if it cannot be decoded (a Content-Encoding or
-    chunking that lies; the connection is then closed, its stream being unusable) or is
-    not JSON, 413 over the item, turn or text limits (`check_sizes`)."""
+    """The parsed body (`read_body`), 400 if not JSON, 413 over the item, turn or text
+    limits (`check_sizes`)."""
     server = request.app[SETTINGS].server
-    limit = server.client_max_size_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise PayloadTooLarge(f"request body is {request.content_length} bytes, more than the {limit} allowed")
-    try:
-        if request.content.is_eof():  # the whole body came with the headers: no timer needed
-            raw = await request.read()
-        else:
-            async with asyncio.timeout(server.body_read_timeout_s):
-                raw = await request.read()
-    except web.HTTPRequestEntityTooLarge:
-        raise PayloadTooLarge(f"request body is more than the {limit} bytes allowed") from None
-    except TimeoutError:
-        raise RequestTimeout(f"request body did not arrive within {server.body_read_timeout_s:g} s") from None
-    except web_protocol.RequestPayloadError as exc:
-        request.content.feed_eof()  # nothing more will be read from it: aiohttp must not try again
-        raise InvalidBody(f"request body cannot be read: {snippet(' '.join(str(exc).split()), 80)}") from None
+    raw = await read_body(request)
     if len(raw) < LARGE_BODY_BYTES:
         data = _parse(raw)
         check_sizes(data, server, batch=batch)
@@ -203,6 +287,28 @@ async def read_json(request: web.Request, *, batch: bool) -> Any:
         gc.enable()
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The body's bytes: 413 past client_max_size (checked before reading), 408 if it arrives
+    slower than body_read_timeout_s, 400 if it cannot be decoded (a Content-Encoding or
+    chunking that lies; the connection is then closed, its stream being unusable)."""
+    server = request.app[SETTINGS].server
+    limit = server.client_max_size_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"request body is {request.content_length} bytes, more than the {limit} allowed")
+    try:
+        if request.content.is_eof():  # the whole body came with the headers: no timer needed
+            return await request.read()
+        async with asyncio.timeout(server.body_read_timeout_s):
+            return await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise PayloadTooLarge(f"request body is more than the {limit} bytes allowed") from None
+    except TimeoutError:
+        raise RequestTimeout(f"request body did not arrive within {server.body_read_timeout_s:g} s") from None
+    except web_protocol.RequestPayloadError as exc:
+        request.content.feed_eof()  # nothing more will be read from it: aiohttp must not try again
+        raise InvalidBody(f"request body cannot be read: {snippet(' '.join(str(exc).split()), 80)}") from None
+
+
 def _parse(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
@@ -211,6 +317,8 @@ def _parse(raw: bytes) -> Any:
 
 
 def render(labels: list[str], body: PredictRequest, prediction: Prediction, started: float) -> dict[str, Any]:
+    """The old service's response plus `timing` (which says `cached: true` for an answer
+    from the cache)."""
     result: dict[str, Any] = {
         "intent_id": prediction.intent_id,
         "intent_name": labels[prediction.intent_id],
@@ -227,6 +335,8 @@ def render(labels: list[str], body: PredictRequest, prediction: Prediction, star
         "total_ms": round((time.perf_counter() - started) * 1000, 3),
         "batch_size": prediction.batch_size,
     }
+    if prediction.cached:
+        result["timing"]["cached"] = True
     return result
 
 

@@ -34,20 +34,34 @@ from prometheus_client.registry import Collector
 # No `*_created` series: no panel or alert reads them and they double the series count.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
+PREDICT_ROUTES = (
+    "/predict",
+    "/predict/batch",
+    "/models/{name}/predict",
+    "/models/{name}/predict/batch",
+    "/v2/models/{name}/infer",
+)
+ADMIN_ROUTES = ("/models/{name}/reload",)
 ROUTES = (
+    *PREDICT_ROUTES,
+    *ADMIN_ROUTES,
     "/",
     "/healthz",
     "/readyz",
-    "/predict",
-    "/predict/batch",
     "/intents",
+    "/models",
+    "/models/{name}/intents",
+    "/v2",
+    "/v2/health/live",
+    "/v2/health/ready",
+    "/v2/models/{name}",
+    "/v2/models/{name}/ready",
     "/metrics",
     "/openapi.json",
     "/docs",
     "other",
 )
-PREDICT_ROUTES = ("/predict", "/predict/batch")
-STATUSES = ("200", "400", "401", "403", "404", "405", "408", "413", "422", "429", "500", "503", "504")
+STATUSES = ("200", "400", "401", "403", "404", "405", "408", "413", "417", "422", "429", "500", "503", "504")
 REJECT_REASONS = ("queue_full", "deadline", "disconnected", "invalid", "model_error", "not_ready", "unauthorized")
 
 # Millisecond-scale latencies: 0.5 ms to 10 s.
@@ -97,87 +111,111 @@ class Metrics:
             ProcessCollector(registry=self.registry)
         r = self.registry
         self.requests = Counter(
-            "batcher_requests", "HTTP requests answered, by route and status.", ["route", "status"], registry=r
+            "batcher_requests",
+            "HTTP requests answered, by route, status and the model they asked for ('' for none).",
+            ["route", "status", "model"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "batcher_request_duration_seconds",
             "Time from receiving a request to its response being ready.",
-            ["route"],
+            ["route", "model"],
             buckets=LATENCY_BUCKETS_S,
             registry=r,
         )
+        by_model = ["model"]
         self.queue_wait = Histogram(
             "batcher_queue_wait_seconds",
             "Time from admission to the start of the request's model run.",
             buckets=LATENCY_BUCKETS_S,
+            labelnames=by_model,
             registry=r,
         )
         self.inference = Histogram(
             "batcher_inference_duration_seconds",
             "Wall time of one model run (one batch), padding included.",
             buckets=LATENCY_BUCKETS_S,
+            labelnames=by_model,
             registry=r,
         )
         self.tokenize = Histogram(
             "batcher_tokenize_duration_seconds",
             "Time to build and tokenize one request's text.",
             buckets=TOKENIZE_BUCKETS_S,
+            labelnames=by_model,
             registry=r,
         )
         self.batch_size = Histogram(
-            "batcher_batch_size", "Requests in one model run.", buckets=BATCH_SIZE_BUCKETS, registry=r
+            "batcher_batch_size",
+            "Requests in one model run.",
+            buckets=BATCH_SIZE_BUCKETS,
+            labelnames=by_model,
+            registry=r,
         )
         self.padding_ratio = Histogram(
             "batcher_batch_padding_ratio",
             "Share of padded positions in one model run's input.",
             buckets=RATIO_BUCKETS,
+            labelnames=by_model,
             registry=r,
         )
         self.batch_tokens = Counter(
-            "batcher_batch_tokens", "Token positions sent to the model, real or padding.", ["kind"], registry=r
+            "batcher_batch_tokens", "Token positions sent to the model, real or padding.", ["model", "kind"], registry=r
         )
         self.queue_depth = Gauge(
             "batcher_queue_depth",
             "Requests admitted and waiting for a model run (summed over workers).",
-            registry=r,
             multiprocess_mode="livesum",
+            labelnames=by_model,
+            registry=r,
         )
         self.queue_capacity = Gauge(
             "batcher_queue_capacity",
             "max_queue_size: queue depth that triggers 429 (summed over workers).",
-            registry=r,
             multiprocess_mode="livesum",
+            labelnames=by_model,
+            registry=r,
         )
         self.inflight_batches = Gauge(
             "batcher_inflight_batches",
             "Model runs in progress or handed to a model thread (summed over workers).",
-            registry=r,
             multiprocess_mode="livesum",
+            labelnames=by_model,
+            registry=r,
         )
         self.model_instances = Gauge(
             "batcher_model_instances",
             "Model runs that may be in flight at once, batching.instances (summed over workers): "
             "rate(batcher_model_busy_seconds_total) over it is the model's busy share.",
-            registry=r,
             multiprocess_mode="livesum",
+            labelnames=by_model,
+            registry=r,
         )
         self.model_busy = Counter(
             "batcher_model_busy_seconds",
             "Summed wall time of model runs; its rate is the model's busy share.",
+            labelnames=by_model,
             registry=r,
         )
         self.rejected = Counter(
             "batcher_rejected",
             "Requests refused or dropped without an answer from the model, by reason.",
-            ["reason"],
+            ["model", "reason"],
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "batcher_cache_requests",
+            "Predictions looked up in the response cache (cache.max_entries > 0), by result.",
+            ["model", "result"],
             registry=r,
         )
         self.ready = Gauge(
             "batcher_ready",
-            "1 when the server accepts predictions (loaded, warm, last run good, not draining); "
-            "with several workers, 1 only when every live worker is.",
-            registry=r,
+            "1 when the model accepts predictions (loaded, warm, last run good, not draining); "
+            "with several workers, 1 only when every live worker's is.",
             multiprocess_mode="livemin",
+            labelnames=by_model,
+            registry=r,
         )
         self.worker_restarts = Counter(
             "batcher_worker_restarts",
@@ -185,59 +223,68 @@ class Metrics:
             registry=r,
         )
         self._model_info: Gauge | None = None
-        self._ready_now: Callable[[], bool] = bool
+        self._model_info_labels: dict[str, dict[str, str]] = {}
+        self._ready_now: dict[str, Callable[[], bool]] = {}
+        self._models: dict[str, ModelMetrics] = {}
         self._usage: ProcessUsage | None = None
         if process and not self.multiprocess:
             r.register(LoopThreadCPU())
         elif process:
             self._usage = ProcessUsage(r, self.worker)
-        for route in ROUTES:
-            self.request_duration.labels(route)
-        for route in PREDICT_ROUTES:
-            for status in STATUSES:
-                self.requests.labels(route, status)
-        for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
-        for kind in ("real", "padding"):
-            self.batch_tokens.labels(kind)
-        self._answer_children: dict[tuple[str, int], tuple[Counter, Histogram]] = {}
+        self._answer_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
 
-    def answered(self, route: str, status: int, seconds: float) -> None:
+    def for_model(self, name: str) -> ModelMetrics:
+        """The series of one model (created once, zeros included, so dashboards see no gaps)."""
+        if name not in self._models:
+            self._models[name] = ModelMetrics(self, name)
+            for route in ROUTES:
+                self.request_duration.labels(route, name)
+            for route in PREDICT_ROUTES:
+                for status in STATUSES:
+                    self.requests.labels(route, status, name)
+        return self._models[name]
+
+    def answered(self, route: str, status: int, seconds: float, model: str = "") -> None:
         """Count and time one answer. The labelled children are looked up once per (route,
-        status) and kept: labels() takes a lock and builds a key on every call."""
-        children = self._answer_children.get((route, status))
+        status, model) and kept: labels() takes a lock and builds a key on every call."""
+        children = self._answer_children.get((route, status, model))
         if children is None:
-            children = (self.requests.labels(route, str(status)), self.request_duration.labels(route))
-            self._answer_children[(route, status)] = children
+            children = (self.requests.labels(route, str(status), model), self.request_duration.labels(route, model))
+            self._answer_children[(route, status, model)] = children
         children[0].inc()
         children[1].observe(seconds)
 
-    def describe_model(self, info: Mapping[str, str]) -> None:
-        """Publish the model and its settings as the labels of batcher_model_info, value 1
-        (dots become underscores in label names)."""
-        labels = {key.replace(".", "_"): value for key, value in info.items()}
+    def describe_model(self, name: str, info: Mapping[str, str]) -> None:
+        """Publish a model, its version and settings as the labels of batcher_model_info, value
+        1 (dots become underscores in label names); a reloaded model's old series goes."""
+        labels = {"model": name, **{key.replace(".", "_"): value for key, value in info.items()}}
         if self._model_info is None:
             self._model_info = Gauge(
                 "batcher_model_info",
-                "The model being served and the settings it runs with.",
+                "The model being served, its version and the settings it runs with.",
                 list(labels),
                 registry=self.registry,
                 multiprocess_mode="max",
             )
+        previous = self._model_info_labels.get(name)
+        if previous is not None and previous != labels:
+            self._model_info.remove(*previous.values())
         self._model_info.labels(**labels).set(1)
+        self._model_info_labels[name] = labels
 
-    def track_ready(self, ready: Callable[[], bool]) -> None:
-        """batcher_ready follows `ready()`: read at every scrape in one process, refreshed
-        every second (`refresh`) when several workers share their metrics through files."""
-        self._ready_now = ready
+    def track_ready(self, name: str, ready: Callable[[], bool]) -> None:
+        """batcher_ready{model} follows `ready()`: read at every scrape in one process,
+        refreshed every second (`refresh`) when several workers share their metrics."""
+        self._ready_now[name] = ready
         if not self.multiprocess:
-            self.ready.set_function(lambda: float(ready()))
+            self.ready.labels(name).set_function(lambda: float(ready()))
         self.refresh()
 
     def refresh(self) -> None:
         """Update what one process cannot compute at another's scrape (multiprocess mode)."""
         if self.multiprocess:
-            self.ready.set(float(self._ready_now()))
+            for name, ready in self._ready_now.items():
+                self.ready.labels(name).set(float(ready()))
         if self._usage is not None:
             self._usage.update()
 
@@ -248,6 +295,28 @@ class Metrics:
         merged = CollectorRegistry()
         MultiProcessCollector(merged)  # type: ignore[no-untyped-call]  # its __init__ is unannotated
         return generate_latest(merged)
+
+
+class ModelMetrics:
+    """One model's labelled series, looked up once: what its batcher and handlers record."""
+
+    def __init__(self, metrics: Metrics, name: str) -> None:
+        self.name = name
+        self.queue_wait = metrics.queue_wait.labels(name)
+        self.inference = metrics.inference.labels(name)
+        self.tokenize = metrics.tokenize.labels(name)
+        self.batch_size = metrics.batch_size.labels(name)
+        self.padding_ratio = metrics.padding_ratio.labels(name)
+        self.real_tokens = metrics.batch_tokens.labels(name, "real")
+        self.padding_tokens = metrics.batch_tokens.labels(name, "padding")
+        self.queue_depth = metrics.queue_depth.labels(name)
+        self.queue_capacity = metrics.queue_capacity.labels(name)
+        self.inflight_batches = metrics.inflight_batches.labels(name)
+        self.model_instances = metrics.model_instances.labels(name)
+        self.model_busy = metrics.model_busy.labels(name)
+        self.rejected = {reason: metrics.rejected.labels(name, reason) for reason in REJECT_REASONS}
+        self.cache_hits = metrics.cache_requests.labels(name, "hit")
+        self.cache_misses = metrics.cache_requests.labels(name, "miss")
 
 
 class ProcessUsage:

@@ -8,6 +8,7 @@ import os
 import re
 import time
 
+import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
@@ -24,13 +25,18 @@ from batcher.errors import (
     snippet,
 )
 from batcher.handlers import ACCESS, METRICS, MODELS, STARTED, json_response
-from batcher.metrics import PREDICT_ROUTES, ROUTES
+from batcher.handlers import REQUEST_ID as REQUEST_ID_KEY
+from batcher.metrics import ADMIN_ROUTES, PREDICT_ROUTES, ROUTES
 from batcher.schemas import REQUEST_ID_PATTERN
 
 log = logging.getLogger(__name__)
 REQUEST_ID = "x-request-id"
 _REQUEST_ID_OK = re.compile(REQUEST_ID_PATTERN)
 _INVALID_STATUSES = frozenset({400, 413, 422})
+GUARDED_ROUTES = frozenset((*PREDICT_ROUTES, *ADMIN_ROUTES))
+"""Routes behind the bearer tokens and the origin check."""
+_OIP_KEPT_HEADERS = frozenset(("retry-after", "allow", "www-authenticate"))
+DEFAULT_MODEL_ROUTES = frozenset(("/predict", "/predict/batch", "/intents"))
 
 
 def route_label(request: web.Request) -> str:
@@ -48,17 +54,22 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     (bearer token, origin), turn every failure into `{"error": {"type", "message"}}` with its
     status (never a traceback), then stamp the request id and count and time the answer."""
     request[STARTED] = started = time.perf_counter()
+    incoming = request.headers.get(REQUEST_ID, "")
+    # Generated ids are random (sequential ones would tell a client the request volume).
+    request[REQUEST_ID_KEY] = request_id = incoming if _REQUEST_ID_OK.match(incoming) else os.urandom(16).hex()
     route = route_label(request)
+    model = model_label(request, route)
     metrics = request.app[METRICS]
     try:
-        if route in PREDICT_ROUTES:
+        if route in GUARDED_ROUTES:
             headers = request.headers
             request.app[ACCESS].check(
                 authorization=headers.get("Authorization"), origin=headers.get("Origin"), host=request.host
             )
         response = await handler(request)
     except Unauthorized as error:
-        metrics.rejected.labels("unauthorized").inc()
+        if model:
+            metrics.for_model(model).rejected["unauthorized"].inc()
         response = json_response(error.body(), status=error.status, headers=error.headers)
     except HTTPError as error:
         response = json_response(error.body(), status=error.status, headers=error.headers)
@@ -69,16 +80,46 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception:
         log.exception("unhandled error on %s %s", loggable(request.method), loggable(request.path))
         response = json_response(InternalError().body(), status=500)
-    incoming = request.headers.get(REQUEST_ID, "")
-    # Generated ids are random (sequential ones would tell a client the request volume).
-    request_id = incoming if _REQUEST_ID_OK.match(incoming) else os.urandom(16).hex()
     response.headers[REQUEST_ID] = request_id
     if request.app[MODELS].stopping:  # shutting down: clients reconnect, to another replica
         response.force_close()
-    metrics.answered(route, response.status, time.perf_counter() - started)
-    if route in PREDICT_ROUTES and response.status in _INVALID_STATUSES:
-        metrics.rejected.labels("invalid").inc()
+    if route.startswith("/v2") and response.status >= 400 and isinstance(response, web.Response):
+        response = oip_error(response)
+    metrics.answered(route, response.status, time.perf_counter() - started, model)
+    if model and route in PREDICT_ROUTES and response.status in _INVALID_STATUSES:
+        metrics.for_model(model).rejected["invalid"].inc()
     return response
+
+
+def oip_error(response: web.Response) -> web.Response:
+    """An error on an Open Inference Protocol route in that protocol's shape, `{"error":
+    "..."}`; its invalid requests are 400 (ours are 422)."""
+    try:
+        error = orjson.loads(response.body)["error"]  # type: ignore[arg-type]
+        message = f"{error['type']}: {error['message']}"
+    except (ValueError, KeyError, TypeError):
+        message = "error"
+    status = 400 if response.status == 422 else response.status
+    answer = json_response(
+        {"error": message},
+        status=status,
+        headers={
+            k: v for k, v in response.headers.items() if k.lower() in ("retry-after", "allow", "www-authenticate")
+        },
+    )
+    if not response.keep_alive:
+        answer.force_close()
+    return answer
+
+
+def model_label(request: web.Request, route: str) -> str:
+    """The configured model a request asked for, for the `model` label: the default one on
+    the unnamed routes, "" where none (or a name that is not configured: arbitrary names
+    would make unbounded label values)."""
+    name = request.match_info.get("name")
+    if name is None:
+        return request.app[MODELS].default if route in DEFAULT_MODEL_ROUTES else ""
+    return name if name in request.app[MODELS].names else ""
 
 
 def _from_aiohttp(request: web.Request, exc: web.HTTPException) -> dict[str, dict[str, str]]:

@@ -9,20 +9,23 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from batcher import schemas
-from batcher.config import ServerSettings
+from batcher.config import ServerSettings, Settings
 from batcher.errors import (
     CORSForbidden,
     DeadlineExceeded,
     Draining,
+    ExpectationFailed,
     HTTPError,
     InvalidBody,
     InvalidJSON,
     MethodNotAllowed,
     ModelFailed,
+    ModelNotFound,
     NotFound,
     NotReady,
     PayloadTooLarge,
     QueueFull,
+    ReloadFailed,
     RequestTimeout,
     Unauthorized,
     Unhealthy,
@@ -44,7 +47,7 @@ _PREDICT_ERRORS: tuple[type[HTTPError], ...] = (
     Draining,
     DeadlineExceeded,
 )
-_COMMON_ERRORS: tuple[type[HTTPError], ...] = (NotFound, MethodNotAllowed)
+_COMMON_ERRORS: tuple[type[HTTPError], ...] = (NotFound, MethodNotAllowed, ExpectationFailed)
 _REQUEST_ID = {
     "name": "x-request-id",
     "in": "header",
@@ -63,12 +66,14 @@ def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
 
 
-def _errors(*errors: type[HTTPError]) -> dict[str, Any]:
+def _errors(*errors: type[HTTPError], shape: type[BaseModel] = schemas.ErrorResponse) -> dict[str, Any]:
     by_status: dict[str, list[str]] = {}
     for error in errors:
-        by_status.setdefault(str(error.status), []).append(error.type)
+        # The Open Inference Protocol answers an invalid request 400, where ours say 422.
+        status = "400" if shape is schemas.OIPError and error.status == 422 else str(error.status)
+        by_status.setdefault(status, []).append(error.type)
     return {
-        status: _json(schemas.ErrorResponse, "Error; `error.type` is one of: " + ", ".join(types))
+        status: _json(shape, "Error; its type is one of: " + ", ".join(dict.fromkeys(types)))
         for status, types in by_status.items()
     }
 
@@ -79,18 +84,30 @@ def _operation(
     *,
     body: type[BaseModel] | None = None,
     errors: tuple[type[HTTPError], ...] = (),
+    model: list[str] | None = None,
+    shape: type[BaseModel] = schemas.ErrorResponse,
 ) -> dict[str, Any]:
+    """One operation; `model`: the configured names its {name} path parameter takes."""
+    if model is not None:
+        errors = (*errors, ModelNotFound)
     operation: dict[str, Any] = {
         "summary": summary,
-        "responses": {"200": _json(response, "OK"), **_errors(*errors, *_COMMON_ERRORS)},
+        "responses": {"200": _json(response, "OK"), **_errors(*errors, *_COMMON_ERRORS, shape=shape)},
     }
+    parameters = []
+    if model is not None:
+        parameters.append({"name": "name", "in": "path", "required": True, "schema": {"type": "string", "enum": model}})
     if body is not None:
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
-        operation["parameters"] = [_REQUEST_ID]
+        parameters.append(_REQUEST_ID)
+    if parameters:
+        operation["parameters"] = parameters
     return operation
 
 
-def build_openapi(title: str, version: str, limits: ServerSettings) -> dict[str, Any]:
+def build_openapi(title: str, version: str, settings: Settings) -> dict[str, Any]:
+    limits = settings.server
+    names = [spec.name for spec in settings.served]
     models: list[type[BaseModel]] = [
         schemas.PredictRequest,
         schemas.BatchPredictRequest,
@@ -100,6 +117,16 @@ def build_openapi(title: str, version: str, limits: ServerSettings) -> dict[str,
         schemas.ServiceStatus,
         schemas.Probe,
         schemas.ErrorResponse,
+        schemas.ModelsResponse,
+        schemas.ReloadResponse,
+        schemas.InferRequest,
+        schemas.InferResponse,
+        schemas.OIPError,
+        schemas.OIPServerMetadata,
+        schemas.OIPLive,
+        schemas.OIPReady,
+        schemas.OIPModelReady,
+        schemas.OIPModelMetadata,
     ]
     _, definitions = models_json_schema(
         [(model, "validation" if model.__name__.endswith("Request") else "serialization") for model in models],
@@ -131,12 +158,68 @@ def build_openapi(title: str, version: str, limits: ServerSettings) -> dict[str,
                 errors=predict_errors,
             )
         },
+        "/models": {"get": _operation("Every model served: name, version, labels, ready", schemas.ModelsResponse)},
+        "/models/{name}/predict": {
+            "post": _operation(
+                "Predict with the named model",
+                schemas.PredictResponse,
+                body=schemas.PredictRequest,
+                errors=predict_errors,
+                model=names,
+            )
+        },
+        "/models/{name}/predict/batch": {
+            "post": _operation(
+                "Predict several dialogues with the named model",
+                schemas.BatchPredictResponse,
+                body=schemas.BatchPredictRequest,
+                errors=predict_errors,
+                model=names,
+            )
+        },
+        "/models/{name}/intents": {
+            "get": _operation("The named model's intents", schemas.IntentsResponse, errors=(NotReady,), model=names)
+        },
+        **_oip_paths(names),
     }
+    if limits.admin_enabled:
+        paths["/models/{name}/reload"] = {
+            "post": _operation(
+                "Re-read the named model's bundle from disk (server.admin_enabled)",
+                schemas.ReloadResponse,
+                errors=(Unauthorized, ReloadFailed),
+                model=names,
+            )
+        }
     return {
         "openapi": "3.1.0",
         "info": {"title": title, "version": version},
         "paths": paths,
         "components": {"schemas": components},
+    }
+
+
+def _oip_paths(names: list[str]) -> dict[str, Any]:
+    """The Open Inference Protocol (KServe v2) routes, in its error shape."""
+    oip: dict[str, Any] = {"shape": schemas.OIPError}
+    return {
+        "/v2": {"get": _operation("Open Inference Protocol: server metadata", schemas.OIPServerMetadata, **oip)},
+        "/v2/health/live": {"get": _operation("OIP liveness", schemas.OIPLive, errors=(Unhealthy,), **oip)},
+        "/v2/health/ready": {"get": _operation("OIP readiness", schemas.OIPReady, errors=(NotReady,), **oip)},
+        "/v2/models/{name}": {"get": _operation("OIP model metadata", schemas.OIPModelMetadata, model=names, **oip)},
+        "/v2/models/{name}/ready": {
+            "get": _operation("OIP model readiness", schemas.OIPModelReady, errors=(NotReady,), model=names, **oip)
+        },
+        "/v2/models/{name}/infer": {
+            "post": _operation(
+                "OIP inference: input `text` (BYTES, [N] or [N, 1]); outputs probabilities, intent_id, intent_name",
+                schemas.InferResponse,
+                body=schemas.InferRequest,
+                errors=_PREDICT_ERRORS,
+                model=names,
+                **oip,
+            )
+        },
     }
 
 

@@ -1,14 +1,16 @@
 """What the HTTP layer serves: a `Runtime` per loaded, warm model, held by `Models`.
 
-`load_runtime` builds a Runtime whole (bundle, tokenizer, session, warm-up, batcher) and it
-never changes afterwards: handlers only read it. `Models` holds the runtimes by name and
-the server's draining state, and drains them all in one place.
+`load_runtime` builds a Runtime whole (bundle, tokenizer, session, warm-up, batcher, cache)
+and it never changes afterwards: handlers only read it. `Models` holds the runtimes by
+name and the server's shutdown state, drains them all in one place, and reloads one by
+building its successor beside it and swapping the two in one step of the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -16,11 +18,11 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from batcher.batching import Batcher
-from batcher.bundle import ModelBundle, choose_graph, load_bundle
-from batcher.config import Settings
-from batcher.errors import Draining, NotReady, StartupCancelled
-from batcher.metrics import Metrics
+from batcher.batching import Batcher, Prediction
+from batcher.bundle import ModelBundle, bundle_version, choose_graph, load_bundle
+from batcher.config import ModelSpec, Settings
+from batcher.errors import Draining, ModelNotFound, NotReady, StartupCancelled, StartupError, snippet
+from batcher.metrics import Metrics, ModelMetrics
 from batcher.model import CUDA, OnnxModel, usable_provider
 from batcher.tokenization import TextEncoder
 from batcher.worker import Model, Worker
@@ -33,13 +35,19 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class Runtime:
-    """One model, loaded and warm, with the tokenizer and batcher that serve it."""
+    """One model, loaded and warm, with the tokenizer, batcher and cache that serve it."""
 
-    name: str
+    spec: ModelSpec
     bundle: ModelBundle
     encoder: TextEncoder
     batcher: Batcher
     provider: str
+    metrics: ModelMetrics
+    cache: PredictionCache | None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
 
     @property
     def labels(self) -> list[str]:
@@ -47,8 +55,8 @@ class Runtime:
 
     @property
     def version(self) -> str:
-        """The graph file's content hash, shortened."""
-        return self.bundle.sha256[:12]
+        """The bundle's content hash (graph, tokenizer, labels)."""
+        return self.bundle.version
 
     @property
     def ready(self) -> bool:
@@ -56,14 +64,29 @@ class Runtime:
         batcher = self.batcher
         return batcher.accepting and batcher.alive and not batcher.last_run_failed and not batcher.stalled
 
+    def describe(self) -> dict[str, object]:
+        """What GET /models says of it."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "labels": self.labels,
+            "ready": self.ready,
+            "provider": self.provider,
+            "file": self.bundle.model_path.name,
+        }
+
 
 async def load_runtime(
-    settings: Settings, metrics: Metrics, *, model: Model | None = None, cancelled: Callable[[], bool] = bool
+    spec: ModelSpec,
+    settings: Settings,
+    metrics: Metrics,
+    *,
+    model: Model | None = None,
+    cancelled: Callable[[], bool] = bool,
 ) -> Runtime:
-    """Load, check and warm the configured model, then start its batcher. `model` replaces
-    the bundle's ONNX session (tests about timing use a fake). Between steps, and between
-    warm-up runs, `cancelled()` is asked whether a signal wants the server gone: then
-    StartupCancelled."""
+    """Load, check and warm one model, then start its batcher. `model` replaces the bundle's
+    ONNX session (tests about timing use a fake). Between steps, and between warm-up runs,
+    `cancelled()` is asked whether a signal wants the server gone: then StartupCancelled."""
     loop = asyncio.get_running_loop()
 
     async def step(function: Callable[..., T], *args: Any) -> T:
@@ -71,29 +94,28 @@ async def load_runtime(
             raise StartupCancelled()
         return await loop.run_in_executor(None, function, *args)
 
-    directory, file = settings.model_dir, settings.model.file
+    directory, file = spec.directory, spec.model.file
     provider = None
     if model is None:  # the device decides the graph when model.file = "auto"
         probe = directory / choose_graph(directory, file, on_gpu=False)  # any graph tells whether CUDA runs
-        provider = await step(usable_provider, settings.model, probe)
+        provider = await step(usable_provider, spec.model, probe)
     file = choose_graph(directory, file, on_gpu=provider == CUDA)
     bundle = await step(load_bundle, directory, file)
-    encoder = await step(TextEncoder.from_bundle, bundle.directory, settings.model.max_seq_len)
+    encoder = await step(TextEncoder.from_bundle, bundle.directory, spec.model.max_seq_len)
     if model is None:
-        model = await step(OnnxModel, bundle, settings.model, provider)
-    name = settings.model.name or bundle.name
-    log.info("model %s (sha256 %s) runs on %s", name, bundle.sha256[:12], model.provider)
+        model = await step(OnnxModel, bundle, spec.model, provider)
+    log.info("model %s (%s, version %s) runs on %s", spec.name, bundle.model_path.name, bundle.version, model.provider)
     warm = partial(
         warm_up,
         model,
         pad_id=encoder.pad_id,
-        batch_sizes=sorted({*WARMUP_BATCH_SIZES, settings.batching.max_batch_size}),
-        lengths=sorted({*WARMUP_LENGTHS, settings.model.max_seq_len}),
-        runs=settings.model.warmup_runs,
+        batch_sizes=sorted({*WARMUP_BATCH_SIZES, spec.batching.max_batch_size}),
+        lengths=sorted({*WARMUP_LENGTHS, spec.model.max_seq_len}),
+        runs=spec.model.warmup_runs,
         cancelled=cancelled,
     )
     await step(warm)
-    batching = settings.batching
+    batching = spec.batching
     worker = Worker(
         model,
         instances=batching.instances,
@@ -102,18 +124,20 @@ async def load_runtime(
         sched_idle=batching.worker_sched_idle,
         nice=batching.worker_nice,
     )
-    batcher = Batcher(worker, settings=batching, metrics=metrics)
-    metrics.describe_model(
-        {
-            "name": name,
-            "sha256": bundle.sha256[:12],
-            "provider": model.provider,
-            "labels": str(len(bundle.labels)),
-            **settings.describe(),
-        }
-    )
+    model_metrics = metrics.for_model(spec.name)
+    batcher = Batcher(worker, settings=batching, metrics=model_metrics)
+    info = {
+        "version": bundle.version,
+        "file": bundle.model_path.name,
+        "sha256": bundle.sha256[:12],
+        "provider": model.provider,
+        "labels": str(len(bundle.labels)),
+        **settings.describe(spec),
+    }
+    metrics.describe_model(spec.name, info)
     batcher.start()
-    return Runtime(name, bundle, encoder, batcher, model.provider)
+    cache = PredictionCache(settings.cache.max_entries) if settings.cache.max_entries else None
+    return Runtime(spec, bundle, encoder, batcher, model.provider, model_metrics, cache)
 
 
 def warm_up(
@@ -138,37 +162,57 @@ def warm_up(
 class Models:
     """The runtimes being served, by name, and where the server is in its shutdown:
     `stopping` (from SIGTERM: not ready, connections closed after each answer, predictions
-    still admitted for server.drain_delay_s), then `draining` (new predictions get 503)."""
+    still admitted for server.drain_delay_s), then `draining` (new predictions get 503).
+    A reload swaps one runtime for a new one in a single step of the loop."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, settings: Settings, metrics: Metrics) -> None:
+        self._settings = settings
+        self._metrics = metrics
         self._runtimes: dict[str, Runtime] = {}
-        self.default: str | None = None
+        self._reloading: dict[str, asyncio.Lock] = {}
+        self._retiring: set[asyncio.Task[None]] = set()
+        self.default = settings.model.name
         self.stopping = False
         self.draining = False
-        metrics.track_ready(lambda: self.ready)
 
     def add(self, runtime: Runtime) -> None:
-        """Serve `runtime`; the first one added is the default model."""
         self._runtimes[runtime.name] = runtime
-        if self.default is None:
-            self.default = runtime.name
+        self._metrics.track_ready(runtime.name, lambda: self.model_ready(runtime.name))
 
     def find(self, name: str | None = None) -> Runtime | None:
         """The named runtime (the default one without a name), or None if not loaded."""
-        return self._runtimes.get(name or self.default or "")
+        return self._runtimes.get(name or self.default)
 
     def get(self, name: str | None = None) -> Runtime:
-        """The runtime to predict with, or 503 while loading or draining."""
+        """The runtime to predict with: 404 for a model not configured, 503 while loading
+        or draining."""
         if self.draining:
             raise Draining()
         runtime = self.find(name)
         if runtime is None:
+            if name is not None and name not in self.names:
+                raise ModelNotFound(f"no model named {snippet(name)}; GET /models lists them")
             raise NotReady()
         return runtime
 
     @property
+    def names(self) -> list[str]:
+        return [spec.name for spec in self._settings.served]
+
+    def loaded(self) -> list[Runtime]:
+        return list(self._runtimes.values())
+
+    def model_ready(self, name: str) -> bool:
+        runtime = self._runtimes.get(name)
+        return not self.stopping and runtime is not None and runtime.ready
+
+    @property
     def ready(self) -> bool:
-        return not self.stopping and bool(self._runtimes) and all(r.ready for r in self._runtimes.values())
+        return (
+            not self.stopping
+            and len(self._runtimes) == len(self.names)
+            and all(runtime.ready for runtime in self._runtimes.values())
+        )
 
     def alive(self, hang_s: float) -> bool:
         """Every batcher loop runs (or is draining) and no model run has lasted `hang_s`."""
@@ -179,6 +223,53 @@ class Models:
     @property
     def unanswered(self) -> int:
         return sum(runtime.batcher.unanswered for runtime in self._runtimes.values())
+
+    async def load_all(self, *, model: Model | None = None) -> None:
+        """Load every configured model (`model` stands in for each one's session in tests)."""
+        for spec in self._settings.served:
+            runtime = await load_runtime(spec, self._settings, self._metrics, model=model, cancelled=self._stopped)
+            self.add(runtime)
+
+    def _stopped(self) -> bool:
+        return self.stopping
+
+    async def reload(self, name: str) -> dict[str, object]:
+        """Re-read a model's bundle from disk. A new version is loaded and warmed beside the
+        old one, takes new admissions in one step, and the old one answers what it admitted
+        and is freed; the same version changes nothing; one that fails to load or warm leaves
+        the old one serving, and says why."""
+        old = self.get(name)
+        lock = self._reloading.setdefault(name, asyncio.Lock())
+        async with lock:
+            old = self.get(name)
+            file = await asyncio.to_thread(
+                choose_graph, old.spec.directory, old.spec.model.file, on_gpu=old.provider == CUDA
+            )
+            version = await asyncio.to_thread(bundle_version, old.spec.directory, file)
+            if version == old.version:
+                return {"model": name, "status": "unchanged", "version": version}
+            try:
+                new = await load_runtime(old.spec, self._settings, self._metrics, cancelled=self._stopped)
+            except Exception as exc:  # a bad bundle on disk must not take the served one down
+                reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
+                log.error("reloading model %s failed; version %s keeps serving: %s", name, old.version, reason)
+                return {"model": name, "status": "failed", "version": old.version, "reason": snippet(reason, 300)}
+            if self.draining:  # shutting down meanwhile: the new one never serves
+                await new.batcher.close(0)
+                return {"model": name, "status": "failed", "version": old.version, "reason": "shutting down"}
+            self._runtimes[name] = new
+            log.info("model %s: version %s now serves (was %s)", name, new.version, old.version)
+            retiring = asyncio.get_running_loop().create_task(self._retire(old))
+            self._retiring.add(retiring)
+            retiring.add_done_callback(self._retiring.discard)
+            return {"model": name, "status": "reloaded", "version": new.version, "previous": old.version}
+
+    async def reload_all(self) -> list[dict[str, object]]:
+        return [await self.reload(runtime.name) for runtime in self.loaded()]
+
+    async def _retire(self, runtime: Runtime) -> None:
+        await runtime.batcher.close(self._settings.server.shutdown_timeout_s)
+        log.info("model %s: version %s retired", runtime.name, runtime.version)
 
     def begin_stopping(self) -> None:
         """Readiness drops (load balancers stop routing here); predictions are still admitted."""
@@ -193,4 +284,28 @@ class Models:
     async def drain(self, timeout_s: float) -> None:
         """Answer everything admitted within `timeout_s` (503 for what is left then), stop the workers."""
         self.begin_drain()
-        await asyncio.gather(*(runtime.batcher.close(timeout_s) for runtime in self._runtimes.values()))
+        closing = [runtime.batcher.close(timeout_s) for runtime in self._runtimes.values()]
+        await asyncio.gather(*closing, *self._retiring)
+
+
+class PredictionCache:
+    """Answers by token ids, least recently used out first (one per runtime, so one version)."""
+
+    def __init__(self, max_entries: int) -> None:
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[int, ...], Prediction] = OrderedDict()
+
+    def get(self, key: tuple[int, ...]) -> Prediction | None:
+        prediction = self._entries.get(key)
+        if prediction is not None:
+            self._entries.move_to_end(key)
+        return prediction
+
+    def put(self, key: tuple[int, ...], prediction: Prediction) -> None:
+        self._entries[key] = prediction
+        self._entries.move_to_end(key)
+        if len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)

@@ -4,7 +4,7 @@ built as plain dicts on the hot path and the models document them in /openapi.js
 
 from __future__ import annotations
 
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
@@ -70,7 +70,8 @@ class Timing(BaseModel):
     queue_ms: float = Field(description="Admission to the start of its model run.")
     inference_ms: float = Field(description="Wall time of the model run it was part of.")
     total_ms: float = Field(description="Handler receiving the request to the response being ready.")
-    batch_size: int = Field(description="Requests in the model run it was part of.")
+    batch_size: int = Field(description="Requests in the model run it was part of (0: from the cache).")
+    cached: bool | None = Field(default=None, description="Present and true when the answer came from the cache.")
 
 
 class PredictResponse(BaseModel):
@@ -105,6 +106,99 @@ class ServiceStatus(BaseModel):
     provider: str
     ready: bool
     draining: bool
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str | None = Field(default=None, description="The bundle's content hash; absent while loading.")
+    labels: list[str] | None = None
+    ready: bool
+    provider: str | None = None
+    file: str | None = Field(default=None, description="The graph file served.")
+
+
+class ModelsResponse(BaseModel):
+    default: str = Field(description="The model /predict, /predict/batch and /intents serve.")
+    models: list[ModelInfo]
+
+
+class ReloadResponse(BaseModel):
+    model: str
+    status: str = Field(description="reloaded, unchanged (same content hash) or failed.", examples=["reloaded"])
+    version: str = Field(description="The version serving after the reload.")
+    previous: str | None = None
+    workers: str | None = None
+
+
+class InferTensor(BaseModel):
+    """One input tensor of the Open Inference Protocol: here `text`, BYTES, [N] or [N, 1]."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: Literal["text"]
+    shape: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, max_length=2, examples=[[1]])]
+    datatype: Literal["BYTES"]
+    data: list[Any] | None = Field(default=None, examples=[["播放周杰伦的歌"]])
+    parameters: dict[str, Any] | None = None
+
+
+class InferRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str | None = None
+    inputs: Annotated[list[InferTensor], Field(min_length=1, max_length=1)]
+    outputs: list[dict[str, Any]] | None = None
+
+
+class InferOutput(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list[Any]
+
+
+class InferResponse(BaseModel):
+    model_name: str
+    model_version: str
+    id: str | None = None
+    outputs: list[InferOutput]
+
+
+class OIPServerMetadata(BaseModel):
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class OIPLive(BaseModel):
+    live: bool
+
+
+class OIPReady(BaseModel):
+    ready: bool
+
+
+class OIPModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class OIPTensorMetadata(BaseModel):
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class OIPModelMetadata(BaseModel):
+    name: str
+    versions: list[str]
+    platform: str
+    inputs: list[OIPTensorMetadata]
+    outputs: list[OIPTensorMetadata]
+
+
+class OIPError(BaseModel):
+    error: str = Field(description="The Open Inference Protocol's error shape: type and message.")
 
 
 class Probe(BaseModel):

@@ -53,6 +53,13 @@ class Shutdown:
         self.stop = asyncio.Event()
         self.signalled = 0.0
         self.signal_name = "SIGTERM"
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read every model's bundle; what changed is swapped in, the rest left be."""
+        log.info("SIGHUP: reloading %d models", len(self.models.loaded()))
+        for result in await self.models.reload_all():
+            log.info("SIGHUP: %s", " ".join(f"{key}={value}" for key, value in result.items()))
 
     def install(self) -> None:
         loop = asyncio.get_running_loop()
@@ -61,7 +68,10 @@ class Shutdown:
 
     def on_signal(self, signum: signal.Signals) -> None:
         if signum == signal.SIGHUP:
-            log.warning("SIGHUP: this version has nothing to reload; ignored (SIGTERM or SIGINT stop the server)")
+            if not self.stop.is_set():
+                task = asyncio.get_running_loop().create_task(self.reload())
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
             return
         if self.stop.is_set():
             return

@@ -71,12 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--endpoint",
-        choices=["predict", "batch"],
+        choices=["predict", "batch", "oip"],
         default="predict",
-        help="/predict or /predict/batch (default: %(default)s)",
+        help="/predict, /predict/batch, or the Open Inference Protocol's /v2/models/MODEL/infer (default: %(default)s)",
     )
     run.add_argument(
         "--batch-items", type=int, default=8, help="items per /predict/batch request (default: %(default)s)"
+    )
+    run.add_argument("--model", default="intent-zh", help="the model --endpoint oip names (default: %(default)s)")
+    run.add_argument(
+        "--zipf",
+        type=float,
+        default=0.0,
+        help="repeat dialogues Zipf-distributed with this exponent, as real traffic does (default: off, each in turn)",
     )
     run.add_argument(
         "--timeout",
@@ -92,13 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 async def main_run(args: argparse.Namespace) -> int:
-    corpus = Corpus(args.corpus, seed=args.seed, batch_items=args.batch_items)
+    corpus = Corpus(args.corpus, seed=args.seed, batch_items=args.batch_items, zipf=args.zipf)
     loads = parse_loads(args)
     rows = await run_steps(
         args.url,
         loads,
         corpus=corpus,
         endpoint=args.endpoint,
+        model=args.model,
         duration_s=args.duration,
         warmup_s=args.warmup,
         seed=args.seed,

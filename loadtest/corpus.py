@@ -13,10 +13,15 @@ import orjson
 DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "intents" / "test.jsonl"
 
 
-class Corpus:
-    """Predict bodies (`{"turns": [...]}`) from a JSONL file; other keys per line are ignored."""
+ZIPF_DRAWS = 100_000
 
-    def __init__(self, path: Path, *, seed: int = 0, batch_items: int = 1) -> None:
+
+class Corpus:
+    """Predict bodies (`{"turns": [...]}`) from a JSONL file; other keys per line are ignored.
+    With `zipf`, dialogues repeat as real traffic does: the k-th most frequent (in a shuffled
+    order) is drawn with weight 1 / k**zipf, instead of each once in turn."""
+
+    def __init__(self, path: Path, *, seed: int = 0, batch_items: int = 1, zipf: float = 0.0) -> None:
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except OSError as exc:
@@ -27,19 +32,39 @@ class Corpus:
         random.Random(seed).shuffle(self.dialogues)
         self.batch_items = batch_items
         self.path = path
+        self.zipf = zipf
+        self.seed = seed
 
     @property
     def multi_turn_share(self) -> float:
         return sum(len(d["turns"]) > 1 for d in self.dialogues) / len(self.dialogues)
 
+    def sequence(self) -> list[dict[str, object]]:
+        """The dialogues in the order the load sends them (one pass, then it cycles)."""
+        if not self.zipf:
+            return self.dialogues
+        weights = [1 / rank**self.zipf for rank in range(1, len(self.dialogues) + 1)]
+        return random.Random(self.seed).choices(self.dialogues, weights=weights, k=ZIPF_DRAWS)
+
     def bodies(self, endpoint: str) -> Iterator[bytes]:
-        """Encoded request bodies for `predict` or `batch`, cycling forever."""
+        """Encoded request bodies for `predict`, `batch` or `oip` (the Open Inference
+        Protocol's infer: one dialogue as a `text` element), cycling forever."""
+        dialogues = self.sequence()
         if endpoint == "predict":
-            encoded = [orjson.dumps(d) for d in self.dialogues]
+            encoded = [orjson.dumps(d) for d in dialogues]
+        elif endpoint == "oip":
+            encoded = [orjson.dumps(oip_request(d)) for d in dialogues]
         else:
-            cycle = itertools.cycle(self.dialogues)
+            cycle = itertools.cycle(dialogues)
             encoded = [
-                orjson.dumps({"items": [next(cycle) for _ in range(self.batch_items)]})
-                for _ in range(len(self.dialogues))
+                orjson.dumps({"items": [next(cycle) for _ in range(self.batch_items)]}) for _ in range(len(dialogues))
             ]
         return itertools.cycle(encoded)
+
+
+def oip_request(dialogue: dict[str, object]) -> dict[str, object]:
+    """One dialogue as an Open Inference Protocol infer request: its text, or JSON turns."""
+    turns = dialogue["turns"]
+    assert isinstance(turns, list)
+    text = turns[0]["text"] if len(turns) == 1 else json.dumps({"turns": turns}, ensure_ascii=False)
+    return {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}

@@ -27,18 +27,24 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> Samples:
 
 
 def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
-    key = (name, tuple(sorted(labels.items())))
-    return after.get(key, 0.0) - before.get(key, 0.0)
+    """How much a sample grew, summed over every series of `name` that has `labels` (over
+    all models, when a server serves several)."""
+    wanted = set(labels.items())
+    total = 0.0
+    for key, value in after.items():
+        if key[0] == name and wanted <= set(key[1]):
+            total += value - before.get(key, 0.0)
+    return total
 
 
 def _buckets(before: Samples, after: Samples, name: str) -> list[tuple[float, float]]:
-    """(upper bound, cumulative count delta) of a histogram, sorted by bound."""
-    rows = []
+    """(upper bound, cumulative count delta) of a histogram summed over its series, by bound."""
+    by_bound: dict[float, float] = {}
     for (sample, labels), value in after.items():
         if sample == f"{name}_bucket":
             bound = float(dict(labels)["le"])
-            rows.append((bound, value - before.get((sample, labels), 0.0)))
-    return sorted(rows)
+            by_bound[bound] = by_bound.get(bound, 0.0) + value - before.get((sample, labels), 0.0)
+    return sorted(by_bound.items())
 
 
 def _quantile(buckets: list[tuple[float, float]], q: float) -> float | None:

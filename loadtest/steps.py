@@ -26,6 +26,7 @@ async def run_steps(
     *,
     corpus: Corpus,
     endpoint: str = "predict",
+    model: str = "intent-zh",
     duration_s: float = 10,
     warmup_s: float = 2,
     seed: int = 1,
@@ -34,7 +35,7 @@ async def run_steps(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """Run each load step in turn; with an SLO, stop after the first step whose p99 breaks it."""
-    path = "/predict" if endpoint == "predict" else "/predict/batch"
+    path = {"predict": "/predict", "batch": "/predict/batch", "oip": f"/v2/models/{model}/infer"}[endpoint]
     rows: list[dict[str, Any]] = []
     address = urlsplit(base_url)
     client = HttpClient(address.hostname or "127.0.0.1", address.port or 80)

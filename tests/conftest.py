@@ -25,6 +25,8 @@ from batcher.worker import Model, Worker
 from tests.tiny_model import LABELS, build_bundle
 
 MakeSettings = Callable[..., Settings]
+MODEL = "intent-zh"
+"""The default model's name (model.name), which every model-specific series carries."""
 MakeBatcher = Callable[..., tuple[Batcher, "FakeModel", Metrics]]
 MakeClient = Callable[..., Awaitable[TestClient[Any, Application]]]
 
@@ -152,6 +154,12 @@ async def eventually(condition: Callable[[], bool], timeout_s: float = 5.0) -> N
         await asyncio.sleep(0.001)
 
 
+def metric(metrics: Metrics, name: str, *, model: str = MODEL, **labels: str) -> float:
+    """One sample of a model's series (0 when absent)."""
+    value = metrics.registry.get_sample_value(name, {"model": model, **labels})
+    return 0.0 if value is None else value
+
+
 def row(length: int) -> Encoded:
     """A tokenized request of `length` tokens."""
     return Encoded(list(range(1, length + 1)), [0] * length)
@@ -180,7 +188,7 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
             sched_idle=config.worker_sched_idle,
             nice=config.worker_nice,
         )
-        batcher = Batcher(worker, settings=config, metrics=metrics)
+        batcher = Batcher(worker, settings=config, metrics=metrics.for_model(MODEL))
         batcher.start()
         made.append((batcher, model))
         return batcher, model, metrics

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from batcher import server as process
 from bench.reliability import DRAIN_LOG
@@ -307,16 +308,18 @@ def test_sigterm_during_warm_up_stops_cleanly(slow_bundle: Path) -> None:
     assert "stopped during start-up" in output and "Traceback" not in output
 
 
-def scrape_value(url: str, sample: str) -> float:
+def scrape_value(url: str, name: str, **labels: str) -> float:
     """One sample of /metrics over a new connection (so workers take turns answering)."""
     with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5) as sock:
         sock.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         text = b""
         while chunk := sock.recv(65536):
             text += chunk
-    for line in text.decode().splitlines():
-        if line.startswith(sample + " "):
-            return float(line.split()[-1])
+    body = text.partition(b"\r\n\r\n")[2].decode()
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return float(sample.value)
     return 0.0
 
 
@@ -331,11 +334,11 @@ async def test_two_workers_serve_one_port_and_every_scrape_counts_every_request(
                 )
                 assert [r.status for r in statuses] == [200] * 10
         await asyncio.sleep(1.5)  # each worker refreshes its own CPU and memory gauges every second
-        served = 'batcher_requests_total{route="/predict",status="200"}'
-        assert [scrape_value(url, served) for _ in range(10)] == [300.0] * 10
-        workers = [scrape_value(url, f'batcher_worker_resident_memory_bytes{{worker="{i}"}}') for i in (0, 1)]
+        served = {"route": "/predict", "status": "200", "model": "intent-zh"}
+        assert [scrape_value(url, "batcher_requests_total", **served) for _ in range(10)] == [300.0] * 10
+        workers = [scrape_value(url, "batcher_worker_resident_memory_bytes", worker=str(i)) for i in (0, 1)]
         assert all(memory > 0 for memory in workers)
-        assert scrape_value(url, "batcher_ready") == 1
+        assert scrape_value(url, "batcher_ready", model="intent-zh") == 1
     finally:
         process.send_signal(signal.SIGTERM)
         code, output = finish(process, 30)

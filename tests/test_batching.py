@@ -12,12 +12,11 @@ import pytest
 from batcher.errors import DeadlineExceeded, Draining, InternalError, ModelFailed, NotReady, QueueFull
 from batcher.metrics import Metrics
 from batcher.queue import RequestQueue
-from tests.conftest import MakeBatcher, row
+from tests.conftest import MakeBatcher, metric, row
 
 
 def value(metrics: Metrics, name: str, labels: dict[str, str] | None = None) -> float:
-    result = metrics.registry.get_sample_value(name, labels or {})
-    return 0.0 if result is None else result
+    return metric(metrics, name, **(labels or {}))
 
 
 async def handed_over(metrics: Metrics) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from batcher.bundle import load_bundle
 from batcher.config import ModelSettings
@@ -20,7 +21,7 @@ from batcher.metrics import Metrics
 from batcher.model import OnnxModel
 from batcher.schemas import BatchPredictResponse, ErrorResponse, PredictResponse
 from batcher.tokenization import TextEncoder
-from tests.conftest import FakeModel, FaultInjector, MakeClient, eventually
+from tests.conftest import FakeModel, FaultInjector, MakeClient, eventually, metric
 from tests.tiny_model import LABELS
 
 ONE = {"turns": [{"speaker": "user", "text": "我们有空一起去看风景好不好"}]}
@@ -119,12 +120,11 @@ async def test_300_concurrent_requests_all_answered_in_batches(make_client: Make
     client = await make_client(metrics=metrics)
     responses = await asyncio.gather(*(client.post("/predict", json=ONE) for _ in range(300)))
     assert [r.status for r in responses] == [200] * 300
-    registry = metrics.registry
-    count = registry.get_sample_value("batcher_batch_size_count")
-    total = registry.get_sample_value("batcher_batch_size_sum")
+    count = metric(metrics, "batcher_batch_size_count")
+    total = metric(metrics, "batcher_batch_size_sum")
     assert total == 300
     assert count is not None and total / count > 1
-    assert registry.get_sample_value("batcher_requests_total", {"route": "/predict", "status": "200"}) == 300
+    assert metric(metrics, "batcher_requests_total", route="/predict", status="200") == 300
 
 
 async def test_batch_endpoint_keeps_order(make_client: MakeClient, tiny_bundle: Path) -> None:
@@ -313,8 +313,13 @@ async def test_metrics_exposes_every_family(make_client: MakeClient) -> None:
         "process_resident_memory_bytes",
     ):
         assert family in text, family
-    assert 'batcher_rejected_total{reason="invalid"} 1.0' in text
-    assert 'batcher_requests_total{route="/predict",status="400"} 1.0' in text
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    assert samples[("batcher_rejected_total", (("model", "intent-zh"), ("reason", "invalid")))] == 1
+    assert samples[("batcher_requests_total", (("model", "intent-zh"), ("route", "/predict"), ("status", "400")))] == 1
     assert 'provider="CPUExecutionProvider"' in text
 
 
@@ -404,7 +409,7 @@ async def test_a_simple_cross_origin_post_is_refused_when_cors_is_off(
     body = json.dumps({"items": [ONE]} if route.endswith("batch") else ONE)
     response = await client.post(route, data=body, headers={"Content-Type": "text/plain", "Origin": origin})
     await expect_error(response, 403, "cors_forbidden")
-    assert metrics.registry.get_sample_value("batcher_batch_size_count") == 0  # nothing was computed
+    assert metric(metrics, "batcher_batch_size_count") == 0  # nothing was computed
 
 
 async def raw_exchange(port: int, request: bytes) -> tuple[int, dict[str, str], bytes]:

@@ -25,7 +25,7 @@ from batcher.errors import ValidationFailed, loggable
 from batcher.handlers import MODELS
 from batcher.metrics import Metrics
 from batcher.tokenization import TextEncoder
-from tests.conftest import FakeModel, FaultInjector, MakeBatcher, MakeClient, eventually, row
+from tests.conftest import FakeModel, FaultInjector, MakeBatcher, MakeClient, eventually, metric, row
 from tests.processes import finish, start, wait_ready
 
 ONE = {"turns": [{"speaker": "user", "text": "我们有空一起去看风景好不好"}]}
@@ -250,15 +250,15 @@ async def test_the_ready_gauge_follows_readiness_at_every_scrape(
 ) -> None:
     metrics = Metrics(process=False)
     client = await make_client("batching.request_timeout_s=0.2", model=real_model, metrics=metrics)
-    assert metrics.registry.get_sample_value("batcher_ready") == 1
+    assert metric(metrics, "batcher_ready") == 1
     real_model.hold.clear()  # a run hangs past the deadline: not ready
     await error_of(await client.post("/predict", json=ONE), 504)
     batcher = client.app[MODELS].get().batcher
     await eventually(lambda: batcher.stalled)
-    assert metrics.registry.get_sample_value("batcher_ready") == 0
+    assert metric(metrics, "batcher_ready") == 0
     real_model.hold.set()
     await eventually(lambda: batcher.unanswered == 0)
-    assert metrics.registry.get_sample_value("batcher_ready") == 1
+    assert metric(metrics, "batcher_ready") == 1
 
 
 async def test_readiness_comes_back_after_a_failed_run_without_traffic(
@@ -295,7 +295,7 @@ async def test_one_bad_row_fails_alone_not_its_batch(make_batcher: MakeBatcher) 
     outcomes = await asyncio.gather(*rows, return_exceptions=True)
     assert [type(o).__name__ for o in outcomes] == ["Prediction", "ModelFailed", "Prediction"]
     assert not batcher.last_run_failed  # the model works: only that row is bad
-    assert metrics.registry.get_sample_value("batcher_rejected_total", {"reason": "model_error"}) == 1
+    assert metric(metrics, "batcher_rejected_total", reason="model_error") == 1
 
 
 async def test_a_hung_run_fails_liveness_after_liveness_hang_s(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import pytest
 from aiohttp.test_utils import TestServer
 
 from batcher.application import create_app
@@ -163,3 +165,23 @@ def test_naive_baseline_pads_to_128_or_not_and_agrees(tiny_bundle: Path) -> None
     a, b = padded.predict(turns, True), dynamic.predict(turns, True)
     assert a["intent_id"] == b["intent_id"]
     assert a["probabilities"] == b["probabilities"]
+
+
+def test_zipf_replay_repeats_the_head_of_the_corpus() -> None:
+    corpus = Corpus(DEFAULT_CORPUS, seed=3, zipf=1.1)
+    sequence = corpus.sequence()
+    counts = Counter(json.dumps(d, sort_keys=True) for d in sequence)
+    top = counts.most_common(1)[0][1] / len(sequence)
+    weights = [1 / rank**1.1 for rank in range(1, len(corpus.dialogues) + 1)]
+    assert top == pytest.approx(weights[0] / sum(weights), rel=0.1)
+    assert counts.most_common()[-1][1] * 50 < counts.most_common(1)[0][1]  # the tail is drawn rarely
+
+
+def test_oip_bodies_carry_one_dialogue_as_text() -> None:
+    corpus = Corpus(DEFAULT_CORPUS, seed=1)
+    bodies = corpus.bodies("oip")
+    for dialogue in corpus.dialogues[:50]:
+        body = json.loads(next(bodies))
+        text = body["inputs"][0]["data"][0]
+        turns = dialogue["turns"]
+        assert text == turns[0]["text"] if len(turns) == 1 else json.loads(text)["turns"] == turns

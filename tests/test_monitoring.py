@@ -44,7 +44,7 @@ def test_dashboard_is_importable_shape() -> None:
     assert len(dashboard["panels"]) >= 10
     variables = {v["name"]: v for v in dashboard["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
-    assert {"job", "instance"} <= set(variables)
+    assert {"job", "instance", "model"} <= set(variables)
     for panel in dashboard["panels"]:
         assert panel["datasource"]["uid"] == "${datasource}"
         assert panel["targets"], panel["title"]
@@ -87,7 +87,9 @@ def autoscaler_queries() -> dict[str, str]:
 
 def concrete(expr: str) -> str:
     """A panel query with Grafana's variables filled in as Grafana would for 'All'."""
-    return expr.replace("$__rate_interval", "15s").replace("$job", ".*").replace("$instance", ".*")
+    for variable, value in (("$__rate_interval", "15s"), ("$job", ".*"), ("$instance", ".*"), ("$model", ".*")):
+        expr = expr.replace(variable, value)
+    return expr
 
 
 async def drive(url: str, stop: asyncio.Event) -> None:
