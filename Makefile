@@ -5,10 +5,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: help run test lint typecheck pytest dataset train evaluate bench loadtest reliability soak fuzz fleet scaling image image-test clean
+.PHONY: help run test lint typecheck pytest dataset train evaluate bench bench-peers-setup loadtest reliability soak fuzz fleet scaling image image-test clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 14
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
 
 $(VENV)/.runtime: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ $(VENV)/.train: requirements-train.txt $(VENV)/.runtime
 $(VENV)/.bench: bench/requirements.txt loadtest/requirements.txt $(VENV)/.runtime
 	$(PY) -m pip install --quiet --disable-pip-version-check -r bench/requirements.txt
 	touch $@
+
+# The benchmark's peers, each in its own pinned environment (bench/peers/*.txt).
+.venv-peers/%/.installed: bench/peers/%.txt
+	$(PYTHON) -m venv .venv-peers/$*
+	.venv-peers/$*/bin/python -m pip install --quiet --disable-pip-version-check -r $<
+	touch $@
+
+bench-peers-setup: .venv-peers/mosec/.installed .venv-peers/pytriton/.installed  ## mosec and PyTriton for make bench (~1 GB)
 
 run: $(VENV)/.runtime  ## serve the configured model on port 8000 (ARGS="--set batching.max_wait_s=0.001")
 	$(PY) app.py $(ARGS)
@@ -55,7 +63,7 @@ train: $(VENV)/.train  ## rebuild models/intent-zh: tokenizer, model, model.onnx
 evaluate: $(VENV)/.train  ## test-split accuracy and speed of models/intent-zh, into its model card
 	$(PY) scripts/evaluate.py
 
-bench: $(VENV)/.bench  ## the full benchmark (~15 min): writes BENCHMARKS.md and bench/results/
+bench: $(VENV)/.bench bench-peers-setup  ## the full benchmark with mosec and PyTriton (~30 min): BENCHMARKS.md, bench/results/
 	$(PY) -m bench $(ARGS)
 
 loadtest: $(VENV)/.bench  ## load a running server: make loadtest ARGS="run --concurrency 64"

@@ -33,12 +33,15 @@ import uvloop
 from batcher.bundle import choose_graph
 from batcher.config import load_settings
 from bench import profile
-from bench.servers import MODEL, ROOT, Server, batcher_server, naive_server, provenance
+from bench.servers import MODEL, PEER_SETTINGS, ROOT, Server, batcher_server, naive_server, peer_server, provenance
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Load
 from loadtest.steps import highest_within_slo, run_steps
 
 SLO_P99_MS = 50.0
+# (bench/peers/ module, name in BENCHMARKS.md, the load generator's --endpoint for it)
+PEERS = (("mosec", "mosec 0.9.8", "predict"), ("pytriton", "PyTriton 0.7.0 (Triton 2.51)", "oip"))
+ZIPF = 1.1
 LAYOUTS = (("1 session x 2 threads", 1, 2), ("2 sessions x 1 thread", 2, 1), ("1 session x 1 thread", 1, 1))
 CEILING_BATCH_SIZES = (1, 8, 32, 64)
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.15)
@@ -153,10 +156,20 @@ async def lone_client(corpus: Corpus, args: argparse.Namespace, rounds: int = 4)
     }
 
 
-async def measure_server(server: Server, corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
-    common = {"corpus": corpus, "seed": args.seed, "progress": not args.quiet}
-    closed = await run_steps(server.url, [Load("closed", 64)], duration_s=args.duration, warmup_s=args.warmup, **common)
+async def measure_server(
+    server: Server, corpus: Corpus, args: argparse.Namespace, endpoint: str = "predict"
+) -> dict[str, Any]:
+    """A 64-client closed-loop step, a lone client's step, and an open-loop sweep from 25 %
+    to 115 % of the 64-client rate; CPU per request over the server's whole process tree."""
+    assert server.process is not None
+    common = {"corpus": corpus, "seed": args.seed, "progress": not args.quiet, "endpoint": endpoint}
+    pid = server.process.pid
+    closed = await run_steps(
+        server.url, [Load("closed", 64)], duration_s=args.duration, warmup_s=args.warmup, pid=pid, **common
+    )
     result: dict[str, Any] = {"closed64": closed[0]}
+    lone = await run_steps(server.url, [Load("closed", 1)], duration_s=args.step_duration, warmup_s=1, **common)
+    result["closed1"] = lone[0]
     peak = closed[0]["throughput_rps"]
     loads = [Load("open", round(peak * f, 1)) for f in SWEEP_FRACTIONS]
     result["sweep"] = await run_steps(
@@ -165,6 +178,54 @@ async def measure_server(server: Server, corpus: Corpus, args: argparse.Namespac
     best = highest_within_slo(result["sweep"], SLO_P99_MS)
     result["max_within_slo"] = best
     return result
+
+
+async def floor(corpus: Corpus, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """What the event loop costs beyond the minimum, at the same 64 clients: a bare aiohttp
+    server (parse the body, answer a small JSON) held to batcher's request rate; and the
+    overhead ceilings: batcher and mosec with an instant model (no ONNX Runtime)."""
+    delay_ms = 64 / rate * 1000
+    bare = Server(
+        "bare aiohttp + uvloop",
+        [sys.executable, "-m", "bench.baselines.bare_server", "--port", "{port}", "--delay-ms", f"{delay_ms:.3f}"],
+    )
+    instant = Server(
+        "batcher, instant model",
+        [sys.executable, "-m", "bench.instant_server", "--port", "{port}", "--set", 'server.log_level="warning"'],
+    )
+    mosec = peer_server("mosec, instant model", "mosec", served_graph(), instant=True)
+    common: dict[str, Any] = {"corpus": corpus, "seed": args.seed, "progress": not args.quiet}
+    steps = {}
+    for server in (bare, instant, mosec):
+        if server is None:
+            continue
+        with server:
+            assert server.process is not None
+            load = [Load("closed", 64)]
+            steps[server.name] = (
+                await run_steps(
+                    server.url, load, duration_s=args.duration, warmup_s=2, pid=server.process.pid, **common
+                )
+            )[0]
+    return {
+        "bare_delay_ms": round(delay_ms, 2),
+        "bare": steps[bare.name],
+        "instant": steps[instant.name],
+        "instant_peers": {name: step for name, step in steps.items() if name not in (bare.name, instant.name)},
+    }
+
+
+async def cache_replay(args: argparse.Namespace) -> dict[str, Any]:
+    """Repeated traffic: the test split replayed Zipf-distributed (exponent ZIPF, a common fit
+    for query logs), 64 clients, batcher with the cache off and on."""
+    corpus = Corpus(args.corpus, seed=args.seed, zipf=ZIPF)
+    common: dict[str, Any] = {"corpus": corpus, "seed": args.seed, "progress": not args.quiet}
+    steps = {}
+    for name, overrides in (("cache off", ()), ("cache on (max_entries=10000)", ("cache.max_entries=10000",))):
+        with batcher_server(f"batcher, {name}", *overrides) as server:
+            load = [Load("closed", 64)]
+            steps[name] = (await run_steps(server.url, load, duration_s=args.duration, warmup_s=2, **common))[0]
+    return {"zipf": ZIPF, "steps": steps}
 
 
 async def profile_batcher(corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
@@ -225,6 +286,7 @@ def header(args: argparse.Namespace, corpus: Corpus) -> dict[str, Any]:
     return {
         **provenance(),
         "cores": os.cpu_count() or 1,
+        "graph": served_graph(),
         "command": "make bench  # python -m bench " + shlex.join(sys.argv[1:]),
         "defaults": {
             key: value
@@ -248,6 +310,7 @@ async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
     for server in (
         batcher_server("batcher (defaults)"),
         batcher_server("batcher max_batch_size=1", "batching.max_batch_size=1"),
+        batcher_server("batcher, fp32 graph (model.file=model.onnx)", 'model.file="model.onnx"'),
         naive_server("naive, padded to 128", "max", served_graph()),
         naive_server("naive, dynamic padding", "dynamic", served_graph()),
     ):
@@ -255,6 +318,21 @@ async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
         with server:
             servers[server.name] = await measure_server(server, corpus, args)
     results["servers"] = servers
+    results["peers"] = {"settings": PEER_SETTINGS, "missing": [], "servers": {}}
+    for peer, name, endpoint in PEERS:
+        found = peer_server(name, peer, served_graph())
+        if found is None:
+            print(f"== {name}: skipped (no .venv-peers/{peer}; make bench-peers-setup)", file=sys.stderr)
+            results["peers"]["missing"].append(peer)
+            continue
+        print(f"== {name}", file=sys.stderr)
+        with found:
+            results["peers"]["servers"][name] = await measure_server(found, corpus, args, endpoint)
+    rate = servers["batcher (defaults)"]["closed64"]["throughput_rps"]
+    print("== the floor: a bare aiohttp server held to batcher's rate; batcher with an instant model", file=sys.stderr)
+    results["floor"] = await floor(corpus, args, rate)
+    print("== the response cache on a Zipf replay", file=sys.stderr)
+    results["cache"] = await cache_replay(args)
     print("== batcher (defaults) under py-spy", file=sys.stderr)
     results["profile"] = await profile_batcher(corpus, args)
     if not args.skip_tuning:

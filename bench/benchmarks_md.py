@@ -8,6 +8,7 @@ from typing import Any
 from loadtest import report
 
 BATCHER = "batcher (defaults)"
+FP32 = "batcher, fp32 graph (model.file=model.onnx)"
 UNBATCHED = "batcher max_batch_size=1"
 NAIVE_MAX = "naive, padded to 128"
 NAIVE_DYNAMIC = "naive, dynamic padding"
@@ -46,7 +47,8 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         f"Measured on {results['date']}, commit `{results['commit']}`, on {results['machine']}.",
         f"Command: `{results['command']}`. Corpus: `{results['corpus']['path']}` "
         f"({results['corpus']['dialogues']} dialogues, {results['corpus']['multi_turn_share']:.0%} multi-turn, "
-        f"mean {results['ceiling']['mean_tokens']} tokens), bundled model `models/intent-zh` (TinyBERT-4 shape, fp32).",
+        f"mean {results['ceiling']['mean_tokens']} tokens), bundled model `models/intent-zh` (TinyBERT-4 shape), "
+        f"graph `{results.get('graph', 'model.onnx')}` for every server and the ceiling unless a row says otherwise.",
         "The load generator (`python -m loadtest`) runs on the same 2 cores as the server; its CPU share is shown.",
         "batcher's defaults in this run (`config.toml`): "
         + ", ".join(f"`{k} = {v}`" for k, v in results.get("defaults", {}).items())
@@ -69,6 +71,8 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         f"| {_check(lone_delta <= 1)} |",
         f"| model busy ≥ 95 % of the time at 64 clients (per instance) | {busy_per_instance:.0%} "
         f"| {_check(busy_per_instance >= 0.95)} |",
+        *_floor_targets(results, rps[BATCHER]),
+        *_peer_targets(results),
         "",
         "## 64 concurrent clients (closed loop)",
         "",
@@ -105,6 +109,10 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         ]
         lines.append(f"| {layout} | {ordering} | " + " | ".join(cells) + " |")
     lines += _budget_lines(rps, best["sequences_per_s"], batcher64, results["cores"])
+    lines += _peer_lines(results)
+    lines += _graph_lines(servers)
+    lines += _floor_lines(results, batcher64)
+    lines += _cache_lines(results)
     lines += _profile_lines(results.get("profile"))
     lone = results["lone_client"]
     rounds = len(lone[BATCHER]["step_medians_ms"])
@@ -175,6 +183,171 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
         lines.append("")
     lines += ["Raw figures: `bench/results/results.json`.", ""]
     return "\n".join(lines)
+
+
+def _floor_targets(results: dict[str, Any], rps: float) -> list[str]:
+    if "floor" not in results:
+        return []
+    bare = results["floor"]["bare"]["server"].get("event_loop_cpu_us_per_request") or 0.0
+    ours = results["servers"][BATCHER]["closed64"]["server"].get("event_loop_cpu_us_per_request") or 0.0
+    ceiling = results["ceiling"]["best"]["sequences_per_s"]
+    return [
+        f"| batcher ≥ 0.9× in-process ceiling (same graph) | {_ratio(rps, ceiling)} | {_check(rps >= 0.9 * ceiling)} |",
+        f"| event-loop CPU per request ≤ 1.5× a bare aiohttp server's at the same rate | {ours:.0f} vs {bare:.0f} µs "
+        f"= {_ratio(ours, bare)} | {_check(ours <= 1.5 * bare)} |",
+    ]
+
+
+MOSEC = "mosec 0.9.8"
+
+
+def _field(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """batcher, the peers and the naive servers, in the order the comparison shows them."""
+    servers = results["servers"]
+    peers = results.get("peers", {}).get("servers", {})
+    return {BATCHER: servers[BATCHER], **peers, NAIVE_DYNAMIC: servers[NAIVE_DYNAMIC], NAIVE_MAX: servers[NAIVE_MAX]}
+
+
+def _held(server: dict[str, Any]) -> float:
+    """The highest open-loop rate achieved with p99 within the SLO (0 if none held)."""
+    best = server.get("max_within_slo")
+    return float(best["throughput_rps"]) if best else 0.0
+
+
+def _peer_targets(results: dict[str, Any]) -> list[str]:
+    peers = results.get("peers", {}).get("servers", {})
+    if MOSEC not in peers:
+        return ["| batcher against mosec | mosec not run (make bench-peers-setup) | **not met** |"]
+    ours, theirs = results["servers"][BATCHER], peers[MOSEC]
+    o64, t64 = ours["closed64"], theirs["closed64"]
+    o1, t1 = ours["closed1"]["throughput_rps"], theirs["closed1"]["throughput_rps"]
+    faster = o64["throughput_rps"] >= 1.15 * t64["throughput_rps"] and o64["p99_ms"] < t64["p99_ms"]
+    return [
+        f"| batcher ≥ 1.15× mosec at 64 clients, lower p99 | {_ratio(o64['throughput_rps'], t64['throughput_rps'])}, "
+        f"p99 {o64['p99_ms']:.0f} vs {t64['p99_ms']:.0f} ms | {_check(faster)} |",
+        f"| batcher ≥ 1.8× mosec at 1 client | {_ratio(o1, t1)} | {_check(o1 >= 1.8 * t1)} |",
+        f"| batcher sustains a higher open-loop rate than mosec at p99 ≤ 50 ms | {_held(ours):.0f} vs "
+        f"{_held(theirs):.0f} req/s | {_check(_held(ours) > _held(theirs))} |",
+    ]
+
+
+def _peer_lines(results: dict[str, Any]) -> list[str]:
+    peers = results.get("peers")
+    if not peers:
+        return []
+    field = _field(results)
+    base = field[BATCHER]
+    settings = peers["settings"]
+    lines = [
+        "",
+        "## Against the field",
+        "",
+        "Same graph, same corpus, same load generator, one server at a time. Each peer runs from its own pinned "
+        "virtual environment (`make bench-peers-setup`, `bench/peers/*.txt`) and does per batch what batcher "
+        "does (`bench/peers/common.py`: batcher's dialogue text, the bundle's tokenizer truncating from the left "
+        "at 128 tokens, padding to the batch's longest row, one ONNX Runtime run, softmax), configured as "
+        f"batcher's defaults are: {settings['WORKERS']} workers (mosec) or model instances (Triton) of "
+        f"{settings['THREADS']} ONNX Runtime thread, batches of up to {settings['BATCH']}, a {settings['WAIT_MS']} ms "
+        "batch wait (the better of 2 × 1 and 1 × 2 threads for both when tried on this machine). mosec takes "
+        "batcher's `/predict` body; PyTriton speaks only the Open Inference Protocol, so it gets the same "
+        "dialogues as KServe v2 `infer` requests (`--endpoint oip`, a BYTES tensor of shape [1, 1]). "
+        "Ratios are batcher's figure over the row's. CPU per request is the whole process tree's (every worker, "
+        "Triton's stubs), model included.",
+        "",
+        "| server | 64 clients req/s | p99 ms | batcher × | 1 client req/s | p50 ms | batcher × "
+        "| open loop at p99 ≤ 50 ms, req/s | batcher × | CPU µs/req |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, server in field.items():
+        c64, c1 = server["closed64"], server["closed1"]
+        cpu = c64.get("process_cpu_us_per_request", "-")
+        lines.append(
+            f"| {name} | {c64['throughput_rps']:.0f} | {c64['p99_ms']:.1f} "
+            f"| {_ratio(base['closed64']['throughput_rps'], c64['throughput_rps'])} "
+            f"| {c1['throughput_rps']:.0f} | {c1['p50_ms']:.2f} "
+            f"| {_ratio(base['closed1']['throughput_rps'], c1['throughput_rps'])} "
+            f"| {_held(server):.0f} | {_ratio(_held(base), _held(server))} | {cpu} |"
+        )
+    if peers["missing"]:
+        lines += ["", f"Not run (no environment; `make bench-peers-setup`): {', '.join(peers['missing'])}."]
+    return lines
+
+
+def _graph_lines(servers: dict[str, Any]) -> list[str]:
+    if FP32 not in servers:
+        return []
+    auto, fp32 = servers[BATCHER]["closed64"], servers[FP32]["closed64"]
+    return [
+        "",
+        '## The graph `model.file = "auto"` picks on this CPU',
+        "",
+        f"64 clients, same run: the default (`auto`: the bundle's `model.int8.onnx` here) "
+        f"{auto['throughput_rps']:.0f} req/s, p99 {auto['p99_ms']:.1f} ms; the fp32 `model.onnx` "
+        f"{fp32['throughput_rps']:.0f} req/s, p99 {fp32['p99_ms']:.1f} ms: "
+        f"{_ratio(auto['throughput_rps'], fp32['throughput_rps'])} (the two score the same accuracy on the test "
+        "split and on real utterances, models/intent-zh/README.md).",
+    ]
+
+
+def _floor_lines(results: dict[str, Any], batcher64: dict[str, Any]) -> list[str]:
+    if "floor" not in results:
+        return []
+    floor = results["floor"]
+    bare, instant = floor["bare"], floor["instant"]
+    ours_us = batcher64["server"].get("event_loop_cpu_us_per_request") or 0.0
+    bare_us = bare["server"].get("event_loop_cpu_us_per_request") or 0.0
+    return [
+        "",
+        "## What the server itself costs",
+        "",
+        f"The floor: a bare aiohttp + uvloop server that only parses the same body and answers a small JSON, each "
+        f"answer held {floor['bare_delay_ms']:g} ms so the same 64 clients drive it at batcher's rate "
+        f"({bare['throughput_rps']:.0f} req/s against batcher's {batcher64['throughput_rps']:.0f}): its event loop "
+        f"spent **{bare_us:.0f} µs** of CPU a request, batcher's **{ours_us:.0f} µs** "
+        f"({_ratio(ours_us, bare_us)}).",
+        "",
+        "The overhead ceiling: each server with an instant model (fixed logits, no ONNX Runtime; benchmark-only: "
+        "`bench/instant_server.py`, `INSTANT=1` for the peers), 64 clients. That is what the server can feed a "
+        "model that costs nothing (a fast GPU); past it, add workers (SCALING.md). CPU per request is the whole "
+        "process tree's.",
+        "",
+        "| server, instant model | processes | req/s | p99 ms | CPU µs/req | of it on batcher's event loop |",
+        "|---|---|---|---|---|---|",
+        f"| batcher | 1 | {instant['throughput_rps']:.0f} | {instant['p99_ms']:.1f} "
+        f"| {instant.get('process_cpu_us_per_request', '-')} "
+        f"| {instant['server'].get('event_loop_cpu_us_per_request', '-')} |",
+        *(
+            f"| {name.removesuffix(', instant model')} | {_MOSEC_PROCESSES} | {step['throughput_rps']:.0f} "
+            f"| {step['p99_ms']:.1f} | {step.get('process_cpu_us_per_request', '-')} | - |"
+            for name, step in floor.get("instant_peers", {}).items()
+        ),
+    ]
+
+
+_MOSEC_PROCESSES = "4 (Python coordinator, Rust ingress, 2 Python workers)"
+
+
+def _cache_lines(results: dict[str, Any]) -> list[str]:
+    if "cache" not in results:
+        return []
+    off, on = results["cache"]["steps"].values()
+    hit = on["server"].get("cache_hit_ratio")
+    return [
+        "",
+        f"## The response cache on repeated traffic (Zipf, exponent {results['cache']['zipf']:g})",
+        "",
+        "The test split replayed with dialogue k drawn with weight 1 / k^"
+        f"{results['cache']['zipf']:g} (real query logs repeat like that: a few phrasings most of the time), "
+        "64 clients.",
+        "",
+        "| cache | req/s | p50 ms | p99 ms | hit ratio |",
+        "|---|---|---|---|---|",
+        f"| off | {off['throughput_rps']:.0f} | {off['p50_ms']:.1f} | {off['p99_ms']:.1f} | - |",
+        f"| on, max_entries = 10000 | {on['throughput_rps']:.0f} | {on['p50_ms']:.1f} | {on['p99_ms']:.1f} "
+        f"| {_pct(hit)} |",
+        "",
+        f"Throughput with the cache: {_ratio(on['throughput_rps'], off['throughput_rps'])} of without.",
+    ]
 
 
 def _budget_lines(rps: dict[str, float], ceiling: float, batcher64: dict[str, Any], cores: int) -> list[str]:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import IO
 
@@ -31,9 +32,19 @@ class Server:
     writes to stderr (its log) goes to a file, never a pipe that could fill and block it,
     and is in `log` once it has stopped."""
 
-    def __init__(self, name: str, args: list[str], *, cwd: Path = ROOT) -> None:
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        *,
+        cwd: Path = ROOT,
+        env: dict[str, str] | None = None,
+        ready_path: str | None = None,
+    ) -> None:
         self.name = name
+        self.ready_path = ready_path
         self.cwd = cwd
+        self.extra_env = env or {}
         self.port = free_port()
         self.args = [a.replace("{port}", str(self.port)) for a in args]
         self.url = f"http://127.0.0.1:{self.port}"
@@ -42,7 +53,7 @@ class Server:
         self._log_file: IO[bytes] | None = None
 
     def __enter__(self) -> Server:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHER_")}
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BATCHER_")} | self.extra_env
         self._log_file = tempfile.TemporaryFile()
         self.process = subprocess.Popen(
             self.args, cwd=self.cwd, env=env, stdout=subprocess.DEVNULL, stderr=self._log_file
@@ -51,12 +62,22 @@ class Server:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise SystemExit(f"bench: {self.name} exited: {self._read_log()}")
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.1)
+            if self._ready():
+                return self
+            time.sleep(0.1)
         raise SystemExit(f"bench: {self.name} did not start")
+
+    def _ready(self) -> bool:
+        """Listening, and (with `ready_path`) answering 200 there: some servers (Triton) open
+        their port before the model has loaded."""
+        try:
+            if self.ready_path is None:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return True
+            with urllib.request.urlopen(self.url + self.ready_path, timeout=1) as response:
+                return bool(response.status == 200)
+        except OSError:
+            return False
 
     def __exit__(self, *exc: object) -> None:
         assert self.process is not None
@@ -86,6 +107,35 @@ def naive_server(name: str, padding: str, graph: str = "model.onnx") -> Server:
     """The old one-run-per-request design (bench/baselines/naive_server.py) on `graph`."""
     args = [sys.executable, "-m", "bench.baselines.naive_server", "--model", str(MODEL), "--port", "{port}"]
     return Server(name, [*args, "--padding", padding, "--graph", graph])
+
+
+PEERS_VENV = ROOT / ".venv-peers"
+PEER_SETTINGS = {"WORKERS": "2", "INSTANCES": "2", "THREADS": "1", "BATCH": "32", "WAIT_MS": "2"}
+
+
+def peer_server(name: str, peer: str, graph: str, *, instant: bool = False) -> Server | None:
+    """mosec or PyTriton (bench/peers/) from its own virtual environment, configured as
+    batcher's defaults are: 2 workers of 1 ONNX Runtime thread, batches of up to 32, a 2 ms
+    wait. None when `make bench-peers-setup` has not made that environment."""
+    python = PEERS_VENV / peer / "bin" / "python"
+    if not python.exists():
+        return None
+    env = PEER_SETTINGS | {"BUNDLE": str(MODEL), "GRAPH": graph, "INSTANT": "1" if instant else "0"}
+    args = [str(python), "-m", f"bench.peers.{peer}_server", "--port", "{port}"]
+    if peer == "mosec":
+        args += ["--address", "127.0.0.1", "--log-level", "warning"]
+    else:
+        # Triton's Python-backend stub links libpython by soname: point it at the library of
+        # the interpreter the environment was made from, or its stdlib and C core disagree.
+        found = subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_config_var('LIBDIR'))"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        env["LD_LIBRARY_PATH"] = found.stdout.strip()
+    ready = "/v2/models/intent-zh/ready" if peer == "pytriton" else None
+    return Server(name, args, env=env, ready_path=ready)
 
 
 def machine() -> str:

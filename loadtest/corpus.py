@@ -63,8 +63,10 @@ class Corpus:
 
 
 def oip_request(dialogue: dict[str, object]) -> dict[str, object]:
-    """One dialogue as an Open Inference Protocol infer request: its text, or JSON turns."""
+    """One dialogue as an Open Inference Protocol infer request: its text, or JSON turns, as
+    a [1, 1] tensor (batcher takes [N] or [N, 1]; Triton with max_batch_size > 0 needs the
+    batch dimension)."""
     turns = dialogue["turns"]
     assert isinstance(turns, list)
     text = turns[0]["text"] if len(turns) == 1 else json.dumps({"turns": turns}, ensure_ascii=False)
-    return {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+    return {"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
@@ -81,6 +83,8 @@ def breakdown(before: Samples, after: Samples, wall_s: float) -> dict[str, objec
         return None if value is None else round(value * 1000, 3)
 
     loop_cpu = _delta(before, after, "batcher_event_loop_cpu_seconds_total")
+    hits = _delta(before, after, "batcher_cache_requests_total", result="hit")
+    misses = _delta(before, after, "batcher_cache_requests_total", result="miss")
     return {
         "batches": batches,
         "mean_batch_size": round(rows / batches, 2) if batches else None,
@@ -100,7 +104,27 @@ def breakdown(before: Samples, after: Samples, wall_s: float) -> dict[str, objec
             reason: _delta(before, after, "batcher_rejected_total", reason=reason)
             for reason in ("queue_full", "deadline", "disconnected", "invalid", "model_error", "not_ready")
         },
+        "cache_hit_ratio": round(hits / (hits + misses), 3) if hits + misses else None,
         "server_cpu_share": round(_delta(before, after, "process_cpu_seconds_total") / wall_s, 3),
         "event_loop_cpu_share": round(loop_cpu / wall_s, 3),
         "event_loop_cpu_us_per_request": round(loop_cpu / requests * 1e6, 1) if requests else None,
     }
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and all its live descendants (threads included), from
+    /proc: what a server made of several processes (mosec, Triton) costs in all."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            stat = Path(f"/proc/{current}/stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            total += (int(fields[11]) + int(fields[12])) / ticks
+            for task in Path(f"/proc/{current}/task").iterdir():
+                pending += [int(c) for c in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue  # exited meanwhile
+    return total

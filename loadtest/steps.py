@@ -15,7 +15,7 @@ import aiohttp
 from loadtest.corpus import Corpus
 from loadtest.driver import Driver, Load
 from loadtest.http import HttpClient
-from loadtest.server_metrics import Samples, breakdown, scrape
+from loadtest.server_metrics import Samples, breakdown, scrape, tree_cpu_seconds
 
 CPU_WARNING_SHARE = 0.85
 
@@ -33,8 +33,12 @@ async def run_steps(
     timeout_s: float = 30,
     slo_p99_ms: float | None = None,
     progress: bool = True,
+    pid: int | None = None,
 ) -> list[dict[str, Any]]:
-    """Run each load step in turn; with an SLO, stop after the first step whose p99 breaks it."""
+    """Run each load step in turn; with an SLO, stop after the first step whose p99 breaks it.
+    With the server's `pid` (on this machine), each row also gets the CPU its whole process
+    tree spent per request (`process_cpu_us_per_request`), for servers without batcher's
+    /metrics."""
     path = {"predict": "/predict", "batch": "/predict/batch", "oip": f"/v2/models/{model}/infer"}[endpoint]
     rows: list[dict[str, Any]] = []
     address = urlsplit(base_url)
@@ -44,14 +48,18 @@ async def run_steps(
         for load in loads:
             before: Samples = {}
             scraped_at: list[float] = []
-            snapshot = partial(_scrape_into, before, scraped_at, session, base_url + "/metrics")
+            cpu_at_start: list[float] = []
+            snapshot = partial(_scrape_into, before, scraped_at, session, base_url + "/metrics", pid, cpu_at_start)
             result = await driver.run(load, duration_s=duration_s, warmup_s=warmup_s, on_measure_start=snapshot)
             after = await scrape(session, base_url + "/metrics")
+            cpu_spent = tree_cpu_seconds(pid) - cpu_at_start[0] if pid and cpu_at_start else None
             # Server rates over the time between the two scrapes: the step plus the drain of
             # requests still in flight at its end (long under overload).
             wall_s = time.perf_counter() - scraped_at[0] if scraped_at else duration_s
             result.server = breakdown(before, after, max(wall_s, duration_s))
             row = result.summary(slo_p99_ms)
+            if cpu_spent is not None and row["throughput_rps"]:
+                row["process_cpu_us_per_request"] = round(cpu_spent / wall_s / row["throughput_rps"] * 1e6, 1)
             rows.append(row)
             if row["client_cpu_share"] > CPU_WARNING_SHARE:
                 print(
@@ -69,8 +77,17 @@ async def run_steps(
     return rows
 
 
-async def _scrape_into(samples: Samples, at: list[float], session: aiohttp.ClientSession, url: str) -> None:
+async def _scrape_into(
+    samples: Samples,
+    at: list[float],
+    session: aiohttp.ClientSession,
+    url: str,
+    pid: int | None,
+    cpu: list[float],
+) -> None:
     samples.update(await scrape(session, url))
+    if pid:
+        cpu.append(tree_cpu_seconds(pid))
     at.append(time.perf_counter())
 
 
