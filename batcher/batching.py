@@ -5,7 +5,12 @@ future. The batcher coroutine asks the `WaitPolicy` *when* to form a batch; the 
 `take` (pure `take_batch`) decides *which* requests; the `Worker` runs it off the loop.
 When a run finishes the loop first wakes the batcher (so the next batch is handed over
 before anything else) and then settles the run's futures: each is resolved with its
-`Prediction` or failed with an `HTTPError`, and its deadline timer cancelled.
+`Prediction` or failed with an `HTTPError`.
+
+Deadlines: every request gets the same timeout, so deadlines fall in admission order and
+one timer serves them all: it fires at the oldest unanswered request's deadline, answers
+504 to every request whose deadline has passed, and is set again for the next (no timer
+per request to make and cancel).
 
 After a failed run the batcher reports itself unready (a load balancer stops sending) and
 probes the model with a warm-up row until a run succeeds again, so readiness comes back
@@ -18,6 +23,7 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,17 +37,20 @@ from batcher.errors import (
     ModelFailed,
     NotReady,
     PayloadTooLarge,
+    ValidationFailed,
 )
 from batcher.metrics import ModelMetrics
 from batcher.policy import NOW, QueueState, WaitPolicy
 from batcher.queue import BatchLimits, Pending, RequestQueue
-from batcher.tokenization import Encoded
+from batcher.tokenization import UNREADABLE, Text
 from batcher.worker import RunResult, Worker
 
 log = logging.getLogger(__name__)
 PROBE_DELAY_S = 0.5
 """After a failed run, the first probe of the model; each failed probe doubles the delay."""
 PROBE_MAX_DELAY_S = 30.0
+PROBE_TEXT = "用户：你好"
+"""What a probe run reads: a short dialogue text any Chinese vocabulary tokenizes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +78,8 @@ class Batcher:
         self._policy = WaitPolicy(max_wait_s=settings.max_wait_s, instances=worker.instances)
         self._timeout_s = settings.request_timeout_s
         self._running: dict[int, list[Pending]] = {}  # id(batch) -> batch handed to the worker
+        self._deadlines: deque[Pending] = deque()  # admitted, oldest (earliest deadline) first
+        self._deadline_timer: asyncio.TimerHandle | None = None
         self._waker: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -113,13 +124,13 @@ class Batcher:
             self._metrics.rejected["queue_full"].inc()
             raise
 
-    def submit(self, encoded: Encoded) -> asyncio.Future[Prediction]:
+    def submit(self, text: Text) -> asyncio.Future[Prediction]:
         """Admit one request; its future resolves to a Prediction or fails with an HTTPError."""
         self._check_open()
         self.check_admission()
-        return self._admit(encoded)
+        return self._admit(text)
 
-    def submit_all(self, rows: list[Encoded]) -> list[asyncio.Future[Prediction]]:
+    def submit_all(self, rows: list[Text]) -> list[asyncio.Future[Prediction]]:
         """Admit every row or none: 413 when they could never fit in the queue, 429 when
         they do not fit now."""
         limit = self._queue.max_size
@@ -136,12 +147,17 @@ class Batcher:
             self._metrics.rejected["not_ready"].inc()
             raise NotReady("the batcher is not running")
 
-    def _admit(self, encoded: Encoded) -> asyncio.Future[Prediction]:
+    def _admit(self, text: Text) -> asyncio.Future[Prediction]:
         loop = asyncio.get_running_loop()
         now = loop.time()
-        entry = Pending(encoded, now, now + self._timeout_s, loop.create_future(), time.perf_counter())
+        entry = Pending(text, now, now + self._timeout_s, loop.create_future(), time.perf_counter())
         self._queue.push(entry)  # fits: checked just above, on this same thread
-        entry.timer = loop.call_at(entry.deadline, self._expire, entry)
+        deadlines = self._deadlines
+        while deadlines and deadlines[0].future.done():
+            deadlines.popleft()
+        deadlines.append(entry)
+        if self._deadline_timer is None:
+            self._deadline_timer = loop.call_at(deadlines[0].deadline, self._expire_due)
         self._policy.arrived(now)
         self._metrics.queue_depth.set(len(self._queue))
         self._wake()
@@ -171,6 +187,10 @@ class Batcher:
         for batch in self._running.values():
             for entry in batch:
                 self._fail(entry, late)
+        if self._deadline_timer is not None:
+            self._deadline_timer.cancel()
+            self._deadline_timer = None
+        self._deadlines.clear()
         self._worker.close()
 
     # The loop ------------------------------------------------------------------
@@ -210,7 +230,6 @@ class Batcher:
         self._policy.formed(len(self._queue))
         selection = self._queue.take(self._limits, now)
         for entry in selection.dropped:
-            self._cancel_timer(entry)
             if entry.future.cancelled():
                 self._metrics.rejected["disconnected"].inc()
         for entry in selection.expired:
@@ -248,13 +267,16 @@ class Batcher:
 
     def _resolve(self, batch: list[Pending], run: RunResult) -> None:
         metrics = self._metrics
+        if run.tokenize_s:  # tokenized on the worker (batching.tokenize_on)
+            metrics.tokenize.observe(run.tokenize_s)
+        if run.unreadable:  # counted as invalid by the middleware, from the 422
+            for index in run.unreadable:
+                self._fail(batch[index], ValidationFailed(UNREADABLE))
         if run.failed:
             log.error("%d of %d rows failed on their own; the rest were answered", len(run.failed), len(batch))
             self._model_failed([batch[index] for index in run.failed])
-        done = set(run.rows) | set(run.failed)
+        done = set(run.rows) | set(run.failed) | set(run.unreadable)
         skipped = [entry for index, entry in enumerate(batch) if index not in done]
-        for entry in skipped:
-            self._cancel_timer(entry)
         metrics.rejected["disconnected"].inc(sum(entry.future.cancelled() for entry in skipped))
         if not run.rows:
             return
@@ -270,7 +292,6 @@ class Batcher:
         inference_ms = seconds * 1000
         for position, index in enumerate(run.rows):
             entry = batch[index]
-            self._cancel_timer(entry)
             queue_s = max(0.0, run.started - entry.admitted)
             metrics.queue_wait.observe(queue_s)
             if entry.future.done():
@@ -296,7 +317,7 @@ class Batcher:
             self._probing = False
             return
         loop = asyncio.get_running_loop()
-        row = Encoded([self._worker.pad_id + 1] * 8, [0] * 8)
+        row = Text(PROBE_TEXT, len(PROBE_TEXT) + 2)
         self._worker.run([Pending(row, loop.time(), math.inf, loop.create_future(), time.perf_counter())], self._probed)
 
     def _probed(self, batch: list[Pending], outcome: RunResult | BaseException) -> None:
@@ -311,21 +332,22 @@ class Batcher:
 
     # Settling ------------------------------------------------------------------
 
-    @staticmethod
-    def _cancel_timer(entry: Pending) -> None:
-        if entry.timer is not None:
-            entry.timer.cancel()
-
     def _fail(self, entry: Pending, error: HTTPError) -> None:
-        self._cancel_timer(entry)
         if not entry.future.done():
             entry.future.set_exception(error)
 
-    def _expire(self, entry: Pending) -> None:
-        """Deadline timer: answer 504 now, whether the request is queued or in a run."""
-        if not entry.future.done():
-            self._metrics.rejected["deadline"].inc()
-            entry.future.set_exception(DeadlineExceeded())
+    def _expire_due(self) -> None:
+        """The deadline timer: answer 504 now to every request past its deadline, whether
+        queued or in a run; then wait for the next unanswered one's."""
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadlines = self._deadlines
+        while deadlines and (deadlines[0].future.done() or deadlines[0].deadline <= now):
+            entry = deadlines.popleft()
+            if not entry.future.done():
+                self._metrics.rejected["deadline"].inc()
+                entry.future.set_exception(DeadlineExceeded())
+        self._deadline_timer = loop.call_at(deadlines[0].deadline, self._expire_due) if deadlines else None
 
     def _fail_queued(self, error: HTTPError) -> None:
         for entry in self._queue.take_all():

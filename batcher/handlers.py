@@ -4,8 +4,9 @@ A prediction walks down once: the queue's room (429, before any parsing), the bo
 (400/413/422), the model's runtime (404/503; taken after the body is read, with no await
 until its batcher has the rows, so a reload in between hands over the new version and
 never a closing one), the tokenizer, the cache, the batcher, the response.
-Handlers never block: the only per-request work on the loop is JSON parsing, validation
-and tokenizing one short text (~10-20 µs); everything batch-sized runs on the worker.
+Handlers never block: the only per-request work on the loop is JSON parsing, validation,
+building the dialogue's text and (batching.tokenize_on) tokenizing it (~20 µs);
+everything batch-sized runs on a worker thread.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from batcher.errors import (
 from batcher.metrics import CONTENT_TYPE, Metrics
 from batcher.runtime import Models, Runtime
 from batcher.schemas import BatchPredictRequest, PredictRequest, validate
-from batcher.tokenization import Encoded
+from batcher.tokenization import Text
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -154,14 +155,14 @@ async def reload(request: web.Request) -> web.Response:
     return json_response(result)
 
 
-async def predict_rows(request: web.Request, runtime: Runtime, rows: list[Encoded]) -> list[Prediction]:
+async def predict_rows(request: web.Request, runtime: Runtime, rows: list[Text]) -> list[Prediction]:
     """Each row's prediction, from the cache or a model run; rows to compute are admitted
     together or not at all (429/413)."""
     cache = runtime.cache
     if cache is None:
         futures = [runtime.batcher.submit(rows[0])] if len(rows) == 1 else runtime.batcher.submit_all(rows)
         return await gathered(futures)
-    keys = [tuple(row.ids) for row in rows]
+    keys = [row.text for row in rows]  # the text the model reads: equal texts, equal answers
     found: list[Prediction | None] = [cache.get(key) for key in keys]
     missing = [index for index, hit in enumerate(found) if hit is None]
     runtime.metrics.cache_hits.inc(len(rows) - len(missing))
@@ -181,6 +182,8 @@ async def predict_rows(request: web.Request, runtime: Runtime, rows: list[Encode
 
 async def gathered(futures: list[asyncio.Future[Prediction]]) -> list[Prediction]:
     """Every future's prediction; on any failure or cancellation the others are cancelled."""
+    if len(futures) == 1:
+        return [await futures[0]]  # cancelling the awaiting task cancels the future
     try:
         return list(await asyncio.gather(*futures))
     except BaseException:
@@ -246,12 +249,16 @@ def check_sizes(data: Any, server: ServerSettings, *, batch: bool = False) -> No
                 )
 
 
-def encode(request: web.Request, runtime: Runtime, body: PredictRequest) -> Encoded:
-    """The dialogue's token ids, timed into batcher_tokenize_duration_seconds."""
+def encode(request: web.Request, runtime: Runtime, body: PredictRequest) -> Text:
+    """The dialogue's text as the model reads it; tokenized here (timed into
+    batcher_tokenize_duration_seconds) unless a worker thread does it with its batch."""
+    turns = ((turn.speaker, turn.text) for turn in body.turns)
+    if not runtime.tokenize_on_loop:
+        return runtime.encoder.prepare(turns, tokenize=False)
     started = time.perf_counter()
-    encoded = runtime.encoder.encode_dialogue((turn.speaker, turn.text) for turn in body.turns)
+    text = runtime.encoder.prepare(turns)
     runtime.metrics.tokenize.observe(time.perf_counter() - started)
-    return encoded
+    return text
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -87,7 +87,7 @@ LATENCY_BUCKETS_S = (
     5.0,
     10.0,
 )
-TOKENIZE_BUCKETS_S = (0.000005, 0.00001, 0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.005)
+TOKENIZE_BUCKETS_S = (0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
@@ -140,7 +140,8 @@ class Metrics:
         )
         self.tokenize = Histogram(
             "batcher_tokenize_duration_seconds",
-            "Time to build and tokenize one request's text.",
+            "Time to tokenize: one request's text on the event loop, or (batching.tokenize_on) "
+            "one batch's texts on a model thread.",
             buckets=TOKENIZE_BUCKETS_S,
             labelnames=by_model,
             registry=r,

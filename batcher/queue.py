@@ -16,24 +16,23 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batcher.errors import QueueFull
-from batcher.tokenization import Encoded
+from batcher.tokenization import Text
 
 
 @dataclass(eq=False, slots=True)
 class Pending:
-    """One admitted request: its tokens, its times (loop clock) and the future its handler awaits."""
+    """One admitted request: its text, its times (loop clock) and the future its handler awaits."""
 
-    encoded: Encoded
+    text: Text
     enqueued_at: float
     deadline: float
     future: asyncio.Future[Any]
     admitted: float
     """perf_counter() at admission, for measuring queue wait."""
-    timer: asyncio.TimerHandle | None = None
 
     @property
     def length(self) -> int:
-        return len(self.encoded)
+        return self.text.length
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +53,7 @@ class Selection:
     expired: list[Pending] = field(default_factory=list)
     """Deadline passed while queued; the future is not yet resolved."""
     dropped: list[Pending] = field(default_factory=list)
-    """Future already done: cancelled by a disconnect, or failed by its deadline timer."""
+    """Future already done: cancelled by a disconnect, or failed at its deadline."""
 
 
 def padded_tokens(lengths: Sequence[int]) -> int:
@@ -99,22 +98,36 @@ def _choose(live: list[Pending], limits: BatchLimits) -> list[int]:
         waste = len(live) * longest - sum(lengths)
         if waste <= limits.overhead_tokens and len(live) * longest <= limits.max_batch_tokens:
             return list(range(len(live)))  # the common case: take everything
-    order = sorted(range(len(live)), key=lambda index: (lengths[index], index))
+    order = sorted(range(len(live)), key=lengths.__getitem__)  # stable: ties stay oldest first
     ordered = [lengths[index] for index in order]
     count = len(order)
+    budget = limits.max_batch_tokens
     # cost[i]: least cost to serve ordered[i:]; size[i]: rows of the group starting at i.
-    cost = [0.0] * (count + 1)
+    # Sorted, a group's longest is its last row. Among the best groups from i the largest
+    # is taken, and it ends where a run of equal lengths ends, or at the row or token cap
+    # (taking one more of the same length never costs more), so only those ends are tried.
+    ends = [end for end in range(1, count) if ordered[end - 1] != ordered[end]]
+    ends.append(count)
+    cost = [0] * (count + 1)
     size = [1] * (count + 1)
+    first_end = len(ends) - 1
     for start in range(count - 1, -1, -1):
-        best = float("inf")
-        for rows in range(min(limits.max_batch_size, count - start), 0, -1):
-            longest = ordered[start + rows - 1]
-            if rows > 1 and rows * longest > limits.max_batch_tokens:
-                continue
-            total = limits.overhead_tokens + rows * longest + cost[start + rows]
-            if total < best:
-                best, size[start] = total, rows
-        cost[start] = best
+        while first_end > 0 and ends[first_end - 1] > start:
+            first_end -= 1
+        most = min(limits.max_batch_size, count - start)
+        while most > 1 and most * ordered[start + most - 1] > budget:
+            most -= 1
+        best_rows = most
+        best = most * ordered[start + most - 1] + cost[start + most]
+        for end in ends[first_end:]:
+            rows = end - start
+            if rows >= most:
+                break
+            total = rows * ordered[end - 1] + cost[end]
+            if total < best or (total == best and rows > best_rows):
+                best, best_rows = total, rows
+        size[start] = best_rows
+        cost[start] = limits.overhead_tokens + best
     anchor = order.index(0)
     start = 0
     while start + size[start] <= anchor:

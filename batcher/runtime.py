@@ -44,6 +44,8 @@ class Runtime:
     provider: str
     metrics: ModelMetrics
     cache: PredictionCache | None
+    tokenize_on_loop: bool
+    """batching.tokenize_on, resolved: "auto" is the loop on the CPU, the worker on CUDA."""
 
     @property
     def name(self) -> str:
@@ -118,6 +120,7 @@ async def load_runtime(
     batching = spec.batching
     worker = Worker(
         model,
+        encode=encoder.encode_batch,
         instances=batching.instances,
         pad_id=encoder.pad_id,
         num_labels=len(bundle.labels),
@@ -137,7 +140,8 @@ async def load_runtime(
     metrics.describe_model(spec.name, info)
     batcher.start()
     cache = PredictionCache(settings.cache.max_entries) if settings.cache.max_entries else None
-    return Runtime(spec, bundle, encoder, batcher, model.provider, model_metrics, cache)
+    on_loop = spec.batching.tokenize_on == "loop" or (spec.batching.tokenize_on == "auto" and provider != CUDA)
+    return Runtime(spec, bundle, encoder, batcher, model.provider, model_metrics, cache, on_loop)
 
 
 def warm_up(
@@ -289,19 +293,20 @@ class Models:
 
 
 class PredictionCache:
-    """Answers by token ids, least recently used out first (one per runtime, so one version)."""
+    """Answers by the text the model reads (`Text.text`), least recently used out first (one
+    per runtime, so one version)."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[tuple[int, ...], Prediction] = OrderedDict()
+        self._entries: OrderedDict[str, Prediction] = OrderedDict()
 
-    def get(self, key: tuple[int, ...]) -> Prediction | None:
+    def get(self, key: str) -> Prediction | None:
         prediction = self._entries.get(key)
         if prediction is not None:
             self._entries.move_to_end(key)
         return prediction
 
-    def put(self, key: tuple[int, ...], prediction: Prediction) -> None:
+    def put(self, key: str, prediction: Prediction) -> None:
         self._entries[key] = prediction
         self._entries.move_to_end(key)
         if len(self._entries) > self.max_entries:

@@ -1,8 +1,9 @@
 """How a batch runs: the `Model` protocol, padding, the worker threads and their watchdog.
 
 The batcher hands a formed batch to `Worker.run`; a worker thread drops the rows that died
-while the batch was staged, pads the rest to the batch's longest row, calls the model
-once, applies the softmax and posts a `RunResult` (or the exception) back to the loop.
+while the batch was staged, tokenizes the rest in one call (the GIL released), pads them
+to the batch's longest row, calls the model once, applies the softmax and posts a
+`RunResult` (or the exception) back to the loop.
 The worker knows nothing about when batches form; the batcher nothing about how they run.
 """
 
@@ -22,6 +23,9 @@ import numpy as np
 
 from batcher.queue import Pending
 from batcher.tokenization import Encoded
+
+Encode = Callable[[Sequence[str]], list[Encoded]]
+"""Texts to token ids, one call per batch (`TextEncoder.encode_batch`)."""
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +49,10 @@ class RunResult:
     """Indices into the batch that were computed (the rest died while staged or failed)."""
     failed: list[int]
     """Indices whose rows failed on their own when a failed batch was retried row by row."""
+    unreadable: list[int]
+    """Indices whose text the tokenizer dropped whole (no ids): the client's to fix (422)."""
+    tokenize_s: float
+    """Seconds spent tokenizing rows the loop left untokenized, before the model call (0: none)."""
     started: float
     finished: float
     """perf_counter() at the start and end of the model call."""
@@ -100,6 +108,7 @@ class Worker:
         self,
         model: Model,
         *,
+        encode: Encode,
         instances: int,
         pad_id: int,
         num_labels: int,
@@ -107,6 +116,7 @@ class Worker:
         nice: int = 0,
     ) -> None:
         self.model = model
+        self.encode = encode
         self.instances = instances
         self.pad_id = pad_id
         self._num_labels = num_labels
@@ -158,43 +168,58 @@ class Worker:
                 return
 
     def compute(self, batch: list[Pending]) -> RunResult:
-        """Drop rows that died while staged, pad, run the model, softmax (on a worker thread).
-        A batch whose run fails is retried row by row, so one bad row fails alone; when
-        every row fails on its own too, the batch's error is raised."""
+        """Drop rows that died while staged, tokenize, pad, run the model, softmax (on a
+        worker thread). A batch whose run fails is retried row by row, so one bad row fails
+        alone; when every row fails on its own too, the batch's error is raised."""
         # Reading a future's state from this thread is a single attribute read; a row
         # that dies right after this check is computed and its result discarded.
-        rows = [index for index, entry in enumerate(batch) if not entry.future.done()]
+        alive = [index for index, entry in enumerate(batch) if not entry.future.done()]
+        tokenizing = time.perf_counter()
+        if not alive:
+            return RunResult(self._no_rows(), [], [], [], 0.0, tokenizing, tokenizing, 0, 0)
+        encoded = {index: row for index in alive if (row := batch[index].text.encoded) is not None}
+        pending = [index for index in alive if index not in encoded]  # tokenize_on = "worker"
+        if pending:
+            encoded.update(zip(pending, self.encode([batch[index].text.text for index in pending]), strict=True))
+        unreadable = [index for index in alive if not encoded[index].ids]
+        rows = [index for index in alive if encoded[index].ids]
         started = time.perf_counter()
+        tokenize_s = started - tokenizing if pending else 0.0
         if not rows:
-            return RunResult(np.empty((0, self._num_labels), np.float32), [], [], started, started, 0, 0)
+            return RunResult(self._no_rows(), [], [], unreadable, tokenize_s, started, started, 0, 0)
         try:
-            probabilities, real, padded = self._run([batch[index].encoded for index in rows])
+            probabilities, real, padded = self._run([encoded[index] for index in rows])
         except Exception:
             if len(rows) == 1:
                 raise
             log.warning("model run failed for a batch of %d; retrying its rows one at a time", len(rows))
-            result = self._row_by_row(batch, rows, started)
+            result = self._row_by_row(encoded, rows, unreadable, tokenize_s, started)
             if not result.rows:
                 raise
             return result
-        return RunResult(probabilities, rows, [], started, time.perf_counter(), real, padded)
+        return RunResult(probabilities, rows, [], unreadable, tokenize_s, started, time.perf_counter(), real, padded)
 
-    def _row_by_row(self, batch: list[Pending], rows: list[int], started: float) -> RunResult:
+    def _no_rows(self) -> np.ndarray:
+        return np.empty((0, self._num_labels), np.float32)
+
+    def _row_by_row(
+        self, encoded: dict[int, Encoded], rows: list[int], unreadable: list[int], tokenize_s: float, started: float
+    ) -> RunResult:
         done: list[int] = []
         failed: list[int] = []
         probabilities: list[np.ndarray] = []
         real = padded = 0
         for index in rows:
             try:
-                row_probabilities, row_real, row_padded = self._run([batch[index].encoded])
+                row_probabilities, row_real, row_padded = self._run([encoded[index]])
             except Exception:
                 failed.append(index)
                 continue
             done.append(index)
             probabilities.append(row_probabilities[0])
             real, padded = real + row_real, padded + row_padded
-        stacked = np.stack(probabilities) if probabilities else np.empty((0, self._num_labels), np.float32)
-        return RunResult(stacked, done, failed, started, time.perf_counter(), real, padded)
+        stacked = np.stack(probabilities) if probabilities else self._no_rows()
+        return RunResult(stacked, done, failed, unreadable, tokenize_s, started, time.perf_counter(), real, padded)
 
     def _run(self, rows: Sequence[Encoded]) -> tuple[np.ndarray, int, int]:
         """Probabilities for `rows` padded to their longest, and the real and padded token counts."""

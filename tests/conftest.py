@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +20,8 @@ from batcher.bundle import load_bundle
 from batcher.config import BatchingSettings, ModelSettings, Settings, load_settings
 from batcher.metrics import Metrics
 from batcher.model import OnnxModel
-from batcher.tokenization import Encoded
-from batcher.worker import Model, Worker
+from batcher.tokenization import Encoded, Text
+from batcher.worker import Encode, Model, Worker
 from tests.tiny_model import LABELS, build_bundle
 
 MakeSettings = Callable[..., Settings]
@@ -160,9 +160,14 @@ def metric(metrics: Metrics, name: str, *, model: str = MODEL, **labels: str) ->
     return 0.0 if value is None else value
 
 
-def row(length: int) -> Encoded:
-    """A tokenized request of `length` tokens."""
-    return Encoded(list(range(1, length + 1)), [0] * length)
+def row(length: int) -> Text:
+    """A request whose text is `length` tokens long under `encode_chars`."""
+    return Text("字" * length, length)
+
+
+def encode_chars(texts: Sequence[str]) -> list[Encoded]:
+    """A stand-in tokenizer for tests with a fake model: one token per character."""
+    return [Encoded(list(range(1, len(text) + 1)), [0] * len(text)) for text in texts]
 
 
 @pytest.fixture
@@ -172,7 +177,12 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
     made: list[tuple[Batcher, FakeModel]] = []
 
     def make(
-        *, model: FakeModel | None = None, held: bool = False, delay_s: float = 0.0, **settings: Any
+        *,
+        model: FakeModel | None = None,
+        held: bool = False,
+        delay_s: float = 0.0,
+        encode: Encode | None = None,
+        **settings: Any,
     ) -> tuple[Batcher, FakeModel, Metrics]:
         model = model or FakeModel(num_labels=4, delay_s=delay_s)
         model.armed = True
@@ -182,6 +192,7 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
         metrics = Metrics(process=False)
         worker = Worker(
             model,
+            encode=encode or encode_chars,
             instances=config.instances,
             pad_id=0,
             num_labels=4,

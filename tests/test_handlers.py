@@ -102,8 +102,13 @@ async def test_request_id_is_echoed(make_client: MakeClient) -> None:
     assert bad.headers["x-request-id"] != "x" * 500
 
 
-async def test_concurrent_mixed_lengths_batch_and_match_alone(make_client: MakeClient, tiny_bundle: Path) -> None:
-    client = await make_client()
+@pytest.mark.parametrize("tokenize_on", ["auto", "loop", "worker"])
+async def test_concurrent_mixed_lengths_batch_and_match_alone(
+    make_client: MakeClient, tiny_bundle: Path, tokenize_on: str
+) -> None:
+    """Tokenized on the loop or with their batch on the worker, the same answers."""
+    metrics = Metrics(process=False)
+    client = await make_client(f'batching.tokenize_on="{tokenize_on}"', metrics=metrics)
     payloads = [turns("播放周杰伦的歌"), turns("今天天气怎么样", "晴", "那明天呢" * 5), ONE, turns("hello world")]
     expected = [direct_prediction(tiny_bundle, p) for p in payloads]
     requests = [client.post("/predict", json={**p, "return_all_probs": True}) for p in payloads * 25]
@@ -113,6 +118,8 @@ async def test_concurrent_mixed_lengths_batch_and_match_alone(make_client: MakeC
         probs = np.array(list(body["probabilities"].values()))
         np.testing.assert_allclose(probs, expected[index % 4], atol=2e-4)
     assert max(b["timing"]["batch_size"] for b in bodies) > 1
+    tokenized = metric(metrics, "batcher_tokenize_duration_seconds_count")
+    assert tokenized == (100 if tokenize_on != "worker" else metric(metrics, "batcher_batch_size_count"))
 
 
 async def test_300_concurrent_requests_all_answered_in_batches(make_client: MakeClient) -> None:

@@ -21,7 +21,7 @@ import pytest
 from tokenizers import Regex, Tokenizer, models, normalizers
 
 from batcher.application import drain
-from batcher.errors import ValidationFailed, loggable
+from batcher.errors import DeadlineExceeded, ValidationFailed, loggable
 from batcher.handlers import MODELS
 from batcher.metrics import Metrics
 from batcher.tokenization import TextEncoder
@@ -336,13 +336,23 @@ async def test_a_batch_is_admitted_whole_or_not_at_all(make_client: MakeClient) 
     assert [r.status for r in await asyncio.gather(*held)] == [200] * 4
 
 
-def test_a_tokenizer_that_reads_nothing_gives_422_not_an_empty_row() -> None:
-    """No post-processor, and a normalizer that drops everything: zero ids."""
+async def test_a_tokenizer_that_reads_nothing_gives_422_not_an_empty_row(make_batcher: MakeBatcher) -> None:
+    """No post-processor, and a normalizer that drops everything: zero ids. Offline, and in
+    serving, where the worker thread tokenizes: that row fails alone, its batch is answered."""
     tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "[SEP]": 1, "[PAD]": 2}, unk_token="[UNK]"))
-    tokenizer.normalizer = normalizers.Replace(Regex(".+"), "")
+    tokenizer.normalizer = normalizers.Replace(Regex("^用户：播放音乐$"), "")
     encoder = TextEncoder(tokenizer, 16)
     with pytest.raises(ValidationFailed, match="no turn has text the model can read"):
         encoder.encode_dialogue([("user", "播放音乐")])
+    batcher, model, _ = make_batcher(encode=encoder.encode_batch, held=True, instances=1, max_wait_s=0)
+    first = batcher.submit(encoder.prepare([("user", "你好")], tokenize=False))
+    await model.started()
+    rows = [batcher.submit(encoder.prepare([("user", text)], tokenize=False)) for text in ("播放音乐", "天气")]
+    model.gate.set()
+    outcomes = await asyncio.gather(first, *rows, return_exceptions=True)
+    assert [type(o).__name__ for o in outcomes] == ["Prediction", "ValidationFailed", "Prediction"]
+    assert outcomes[1].status == 422 and "can read" in str(outcomes[1].body())  # type: ignore[union-attr]
+    assert not batcher.last_run_failed
 
 
 async def test_an_error_while_settling_a_batch_answers_500_at_once(
@@ -363,30 +373,38 @@ async def test_an_error_while_settling_a_batch_answers_500_at_once(
     assert time.monotonic() - started < 1
 
 
-async def test_deadline_timers_of_rows_dropped_while_staged_are_cancelled(make_batcher: MakeBatcher) -> None:
+async def test_one_deadline_timer_answers_each_request_at_its_own_deadline(make_batcher: MakeBatcher) -> None:
+    """Requests admitted at different times, one running, the rest queued behind it: each
+    gets its 504 at its own deadline (not the first one's, not the last one's)."""
+    batcher, model, _ = make_batcher(held=True, instances=1, max_wait_s=0, request_timeout_s=0.3)
     loop = asyncio.get_running_loop()
-    timers: list[asyncio.TimerHandle] = []
-    call_at = loop.call_at
+    admitted = loop.time()
+    running = batcher.submit(row(3))
+    await model.started()
+    await asyncio.sleep(0.1)
+    later = batcher.submit(row(3))
+    answered_at: dict[str, float] = {}
 
-    def recording(when: float, callback: Any, *args: Any, **kwargs: Any) -> asyncio.TimerHandle:
-        handle = call_at(when, callback, *args, **kwargs)
-        timers.append(handle)
-        return handle
+    async def when(name: str, future: asyncio.Future[Any]) -> None:
+        with pytest.raises(DeadlineExceeded):
+            await future
+        answered_at[name] = loop.time() - admitted
 
-    batcher, model, _ = make_batcher(held=True, instances=1, max_wait_s=0, max_batch_size=3)
-    loop.call_at = recording  # type: ignore[method-assign,assignment]
-    try:
-        first = batcher.submit(row(3))
-        await model.started()
-        staged = [batcher.submit(row(3)) for _ in range(3)]
-        await eventually(lambda: batcher.unanswered == 2)  # running + one staged batch of three
-        staged[1].cancel()  # its client went away while the batch waited for the worker
-        model.gate.set()
-        await asyncio.gather(first, staged[0], staged[2])
-    finally:
-        loop.call_at = call_at  # type: ignore[method-assign]
-    deadline_timers = [timer for timer in timers if timer.when() > loop.time() + 1]
-    assert len(deadline_timers) == 4 and all(timer.cancelled() for timer in deadline_timers)
+    await asyncio.gather(when("running", running), when("later", later))
+    assert 0.28 <= answered_at["running"] < 0.38
+    assert 0.38 <= answered_at["later"] < 0.5
+    model.gate.set()
+
+
+async def test_answered_requests_do_not_pile_up_behind_the_deadline_timer(make_batcher: MakeBatcher) -> None:
+    """Only the unanswered wait for the deadline timer: thousands answered within their
+    timeout leave nothing behind (nor does a client that hung up)."""
+    batcher, _, _ = make_batcher(max_wait_s=0, request_timeout_s=30)
+    for _ in range(20):
+        futures = [batcher.submit(row(3)) for _ in range(100)]
+        futures[0].cancel()
+        await asyncio.gather(*futures, return_exceptions=True)
+    assert len(batcher._deadlines) <= 100
 
 
 async def test_the_openapi_document_lists_every_status_and_limit(make_client: MakeClient) -> None:

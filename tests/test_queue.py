@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from batcher.errors import QueueFull
 from batcher.queue import BatchLimits, Pending, RequestQueue, padded_tokens, take_batch
-from batcher.tokenization import Encoded
+from batcher.tokenization import Text
 
 
 @pytest.fixture
@@ -21,7 +21,7 @@ def loop() -> Iterator[asyncio.AbstractEventLoop]:
 
 
 def entry(loop: asyncio.AbstractEventLoop, length: int, *, at: float = 0.0, deadline: float = 100.0) -> Pending:
-    return Pending(Encoded([1] * length, [0] * length), at, deadline, loop.create_future(), at)
+    return Pending(Text("字" * length, length), at, deadline, loop.create_future(), at)
 
 
 def lengths(batch: list[Pending]) -> list[int]:

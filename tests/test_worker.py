@@ -33,7 +33,7 @@ def test_softmax_rows_sum_to_one() -> None:
 HUNG_RUN = """
 import asyncio, threading
 from batcher.queue import Pending
-from batcher.tokenization import Encoded
+from batcher.tokenization import Encoded, Text
 from batcher.worker import Worker
 
 class Hangs:
@@ -44,9 +44,10 @@ class Hangs:
 
 async def main():
     loop = asyncio.get_running_loop()
-    worker = Worker(Hangs(), instances=1, pad_id=0, num_labels=2)
+    encode = lambda texts: [Encoded([1, 2], [0, 0]) for _ in texts]
+    worker = Worker(Hangs(), encode=encode, instances=1, pad_id=0, num_labels=2)
     worker.start()
-    entry = Pending(Encoded([1, 2], [0, 0]), 0.0, 1.0, loop.create_future(), 0.0)
+    entry = Pending(Text("你好", 4), 0.0, 1.0, loop.create_future(), 0.0)
     worker.run([entry], lambda batch, outcome: None)
     await asyncio.sleep(0.5)
     worker.close()
