@@ -57,10 +57,10 @@ pytest: $(VENV)/.dev deploy/validate/node_modules/.installed  ## the tests only
 dataset: $(VENV)/.runtime  ## regenerate data/intents from scripts/dataset_phrases.py (fixed seed)
 	$(PY) scripts/make_dataset.py
 
-train: $(VENV)/.train  ## rebuild models/intent-zh: tokenizer, model, model.onnx, model.int8.onnx (~5 min, 2 cores)
+train: $(VENV)/.train  ## rebuild models/intent-zh: fine-tune the e5 teacher, distil the student, export both ONNX files (~35 min, 2 cores)
 	$(PY) scripts/train.py
 
-evaluate: $(VENV)/.train  ## test-split accuracy and speed of models/intent-zh, into its model card
+evaluate: $(VENV)/.train  ## test-split and real-utterance figures and speed of models/intent-zh, into its model card
 	$(PY) scripts/evaluate.py
 
 bench: $(VENV)/.bench bench-peers-setup  ## the full benchmark with mosec and PyTriton (~30 min): BENCHMARKS.md, bench/results/

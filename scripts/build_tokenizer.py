@@ -3,25 +3,27 @@
 CJK text is split into characters, Latin text is lower-cased and split into WordPiece
 pieces. The vocabulary: special tokens, punctuation and digits, the most frequent Chinese
 characters by jieba's dictionary (summed word frequencies; jieba ships it), every
-character of the dataset, and Latin word pieces learned from the dataset's Latin words.
+character of the dataset, and the dataset's 400 commonest Latin words, whole.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 import jieba
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PUNCTUATION = list("，。！？、；：“”‘’（）《》【】…—～·,.!?;:'\"()[]<>-_/+*&%$#@~=|")
 DIGITS = [str(d) for d in range(10)]
 COMMON_CHARS = 4750
 LATIN_PIECES = 400
+LATIN_WORD = re.compile(r"[a-z0-9]+")
 
 
 def is_cjk(char: str) -> bool:
@@ -50,16 +52,12 @@ def dataset_texts(data_dir: Path) -> list[str]:
     return texts
 
 
-def latin_pieces(texts: Iterable[str]) -> list[str]:
-    """WordPiece pieces learned from the Latin words only (CJK characters are added separately)."""
-    learner = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    learner.normalizer = normalizers.BertNormalizer(lowercase=True, handle_chinese_chars=True)
-    learner.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    latin = [" ".join(word for word in text.split() if word.isascii()) for text in texts]
-    extra = ["".join(ch if ch.isascii() else " " for ch in text) for text in texts]
-    trainer = trainers.WordPieceTrainer(vocab_size=LATIN_PIECES, special_tokens=["[UNK]"], show_progress=False)
-    learner.train_from_iterator(latin + extra, trainer)
-    return [piece for piece in learner.get_vocab() if piece.isascii() and piece != "[UNK]"]
+def latin_words(texts: Iterable[str]) -> list[str]:
+    """The dataset's commonest Latin words (lower-cased; ties alphabetical), whole: any other
+    Latin word falls back to letters and ##letters. Counted, not learned by a WordPiece
+    trainer, whose choice among equally frequent merges varies from run to run."""
+    counts = Counter(word for text in texts for word in LATIN_WORD.findall(text.lower()) if len(word) > 1)
+    return [word for word, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:LATIN_PIECES]]
 
 
 def build_tokenizer(data_dir: Path) -> Tokenizer:
@@ -75,7 +73,7 @@ def build_tokenizer(data_dir: Path) -> Tokenizer:
         *("##" + c for c in letters),
         *jieba_character_ranking()[:COMMON_CHARS],
         *seen_chars,
-        *latin_pieces(texts),
+        *latin_words(texts),
     ]
     vocab = {token: index for index, token in enumerate(dict.fromkeys(vocab_list))}
     tokenizer = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))

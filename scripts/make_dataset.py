@@ -4,6 +4,8 @@ Deterministic (fixed seed): every example is a hand-written template filled with
 hand-written slot values, then varied the way people type (polite or terse wrappers,
 homophone typos, traditional characters). Splits are drawn per intent; duplicates are
 removed across the whole set before splitting, so no test dialogue appears in train.
+The second wave of templates (BROADER) is drawn after the first with its own seed, so
+the first wave's examples are the same as before it was written.
 
     python scripts/make_dataset.py [--out data/intents] [--seed 13]
 """
@@ -19,12 +21,26 @@ from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dataset_phrases import DIALOGUES, HOMOPHONES, INTENTS, NEGATED, PREFIXES, SINGLE, SLOTS, SUFFIXES, TRADITIONAL
+from dataset_phrases import (
+    BROADER,
+    BROADER_PER_INTENT,
+    BROADER_SLOTS,
+    DIALOGUES,
+    HOMOPHONES,
+    INTENTS,
+    NEGATED,
+    PREFIXES,
+    SINGLE,
+    SLOTS,
+    SUFFIXES,
+    TRADITIONAL,
+)
 
 SINGLE_PER_INTENT = 140
 NEGATED_PER_INTENT = 12
 DIALOGUES_PER_INTENT = 52
 SPLITS = {"test": 0.15, "dev": 0.10}
+ALL_SLOTS = {**SLOTS, **BROADER_SLOTS}
 Turn = tuple[str, str]
 
 
@@ -32,7 +48,7 @@ def fill(template: str, rng: random.Random, chosen: dict[str, str]) -> str:
     def value(match: re.Match[str]) -> str:
         slot = match.group(1)
         if slot not in chosen:
-            chosen[slot] = rng.choice(SLOTS[slot])
+            chosen[slot] = rng.choice(ALL_SLOTS[slot])
         return chosen[slot]
 
     return re.sub(r"\{(\w+)\}", value, template)
@@ -67,7 +83,7 @@ def dialogue(script: list[Turn], rng: random.Random) -> list[Turn]:
     return turns
 
 
-def generate(intent: str, rng: random.Random, seen: set[tuple[Turn, ...]]) -> list[list[Turn]]:
+def generate(intent: str, rng: random.Random, seen: set[tuple[Turn, ...]], wave: int = 1) -> list[list[Turn]]:
     made: list[list[Turn]] = []
 
     def take(pool: list[str] | list[list[Turn]], count: int, build: object) -> None:
@@ -83,9 +99,12 @@ def generate(intent: str, rng: random.Random, seen: set[tuple[Turn, ...]]) -> li
             count -= 1
         raise SystemExit(f"{intent}: could not make enough unique examples from {len(pool)} templates")
 
-    take(SINGLE[intent], SINGLE_PER_INTENT, single)
-    take(NEGATED[intent], NEGATED_PER_INTENT, single)
-    take(DIALOGUES[intent], DIALOGUES_PER_INTENT, dialogue)
+    if wave == 1:
+        take(SINGLE[intent], SINGLE_PER_INTENT, single)
+        take(NEGATED[intent], NEGATED_PER_INTENT, single)
+        take(DIALOGUES[intent], DIALOGUES_PER_INTENT, dialogue)
+    else:
+        take(BROADER[intent], BROADER_PER_INTENT[intent], single)
     return made
 
 
@@ -111,6 +130,14 @@ def main() -> None:
             for turns in generate(intent, rng, seen)
         ]
         for name, part in split(examples, rng).items():
+            splits[name] += part
+    second = random.Random(args.seed + 1)
+    for intent in INTENTS:
+        examples = [
+            {"turns": [{"speaker": s, "text": t} for s, t in turns], "intent": intent}
+            for turns in generate(intent, second, seen, wave=2)
+        ]
+        for name, part in split(examples, second).items():
             splits[name] += part
     # Single-turn test utterances must not appear anywhere in train either.
     train_texts = {turn["text"] for example in splits["train"] for turn in example["turns"]}  # type: ignore[attr-defined]
@@ -166,6 +193,14 @@ appears under several intents, so the label depends on the context. User turns a
 varied at random: polite or terse wrappers (请问…吧, 小助手，…, …pls), homophone typos
 (天器, 闹中, 拨放, 咋), traditional characters (天氣, 鬧鐘), a little English and pinyin
 (play, navigate to, tianqi, daohang, nihao).
+
+A second wave of templates (`BROADER` in the phrase book, drawn after the first with
+seed {seed} + 1, so the first wave's examples did not change) adds phrasings the first
+lacked, written after reading where the model failed on real users' utterances (their
+per-intent error counts only; no real utterance is copied here or trained on): chit-chat
+above all (questions about the assistant, small talk, life and general-knowledge
+questions, jokes, insults, feelings), places asked about ("X在哪", "多远"), music asked
+for by a title or a singer alone, and terse, spoken, unpunctuated forms of every intent.
 
 This is template-composed data, not logged user traffic: test shares templates (not
 examples) with train, so test accuracy says how well the model learned this material,

@@ -277,7 +277,7 @@ def test_tritonclient_gets_the_intents_predict_gives_for_the_test_split(tmp_path
             text.set_data_from_numpy(np.array(texts, dtype=object))  # binary tensor data, as Triton's clients send
             result = client.infer("intent-zh", [text])
             got += [name.decode() if isinstance(name, bytes) else str(name) for name in result.as_numpy("intent_name")]
-        assert len(got) == len(dialogues) == 368
+        assert len(got) == len(dialogues) >= 500  # the whole split, every line of it
         assert got == expected
     finally:
         process.send_signal(signal.SIGTERM)
