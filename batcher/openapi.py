@@ -134,7 +134,6 @@ def build_openapi(title: str, version: str, settings: Settings) -> dict[str, Any
     )
     components = definitions.get("$defs", {})
     _limit(components, limits)
-    predict_errors = _PREDICT_ERRORS
     paths = {
         "/": {"get": _operation("Service status", schemas.ServiceStatus)},
         "/healthz": {
@@ -142,41 +141,16 @@ def build_openapi(title: str, version: str, settings: Settings) -> dict[str, Any
         },
         "/readyz": {"get": _operation("Readiness: loaded, warm, not draining", schemas.Probe, errors=(NotReady,))},
         "/intents": {"get": _operation("The intents the model predicts", schemas.IntentsResponse)},
-        "/predict": {
-            "post": _operation(
-                "Predict the intent of one dialogue",
-                schemas.PredictResponse,
-                body=schemas.PredictRequest,
-                errors=predict_errors,
-            )
-        },
-        "/predict/batch": {
-            "post": _operation(
-                "Predict several dialogues; each is batched with other traffic",
-                schemas.BatchPredictResponse,
-                body=schemas.BatchPredictRequest,
-                errors=predict_errors,
-            )
-        },
+        **_predict_paths(
+            "",
+            None,
+            "Predict the intent of one dialogue",
+            "Predict several dialogues; each is batched with other traffic",
+        ),
         "/models": {"get": _operation("Every model served: name, version, labels, ready", schemas.ModelsResponse)},
-        "/models/{name}/predict": {
-            "post": _operation(
-                "Predict with the named model",
-                schemas.PredictResponse,
-                body=schemas.PredictRequest,
-                errors=predict_errors,
-                model=names,
-            )
-        },
-        "/models/{name}/predict/batch": {
-            "post": _operation(
-                "Predict several dialogues with the named model",
-                schemas.BatchPredictResponse,
-                body=schemas.BatchPredictRequest,
-                errors=predict_errors,
-                model=names,
-            )
-        },
+        **_predict_paths(
+            "/models/{name}", names, "Predict with the named model", "Predict several dialogues with the named model"
+        ),
         "/models/{name}/intents": {
             "get": _operation("The named model's intents", schemas.IntentsResponse, errors=(NotReady,), model=names)
         },
@@ -196,6 +170,26 @@ def build_openapi(title: str, version: str, settings: Settings) -> dict[str, Any
         "info": {"title": title, "version": version},
         "paths": paths,
         "components": {"schemas": components},
+    }
+
+
+def _predict_paths(prefix: str, model: list[str] | None, one: str, several: str) -> dict[str, Any]:
+    """`{prefix}/predict` and `{prefix}/predict/batch`: the default model's (no prefix) or the named one's."""
+    return {
+        f"{prefix}/predict": {
+            "post": _operation(
+                one, schemas.PredictResponse, body=schemas.PredictRequest, errors=_PREDICT_ERRORS, model=model
+            )
+        },
+        f"{prefix}/predict/batch": {
+            "post": _operation(
+                several,
+                schemas.BatchPredictResponse,
+                body=schemas.BatchPredictRequest,
+                errors=_PREDICT_ERRORS,
+                model=model,
+            )
+        },
     }
 
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from intents_split import MAX_SEQ_LEN, load_split  # noqa: E402
+from intents_split import MAX_SEQ_LEN, REAL_DEV, load_split  # noqa: E402
 
 from batcher.bundle import ModelBundle, load_bundle  # noqa: E402
 from batcher.config import ModelSettings  # noqa: E402
@@ -48,8 +48,6 @@ from batcher.tokenization import Encoded, TextEncoder  # noqa: E402
 from batcher.worker import pad_batch  # noqa: E402
 
 START, END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"
-REAL_DEV = ROOT.parent / "shared" / "data" / "real-utterances-dev.jsonl"
-"""Real user utterances for evaluation only (see its README there); absent in a fresh clone."""
 
 
 def probabilities(model: OnnxModel, rows: list[Encoded], pad_id: int, batch_size: int) -> np.ndarray:

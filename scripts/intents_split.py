@@ -14,6 +14,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from batcher.tokenization import Encoded, TextEncoder
 
 MAX_SEQ_LEN = 128
+REAL_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real-utterances-dev.jsonl"
+"""Real user utterances, evaluation only: reported, never trained on, never in this
+repository (absent in a fresh clone)."""
 
 
 def load_split(path: Path, encoder: TextEncoder, labels: list[str]) -> tuple[list[Encoded], np.ndarray, np.ndarray]:

@@ -37,14 +37,12 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from build_tokenizer import build_tokenizer  # noqa: E402
 from dataset_phrases import INTENTS  # noqa: E402
 from distil_corpus import TEACHER_WEAK, WEAK_LABEL, augmented, model_text, unlabelled  # noqa: E402
-from intents_split import MAX_SEQ_LEN, load_split  # noqa: E402
+from intents_split import MAX_SEQ_LEN, REAL_DEV, load_split  # noqa: E402
 
 from batcher.tokenization import Encoded, TextEncoder  # noqa: E402
 from batcher.worker import pad_batch  # noqa: E402
 
 SEED = 20261125
-REAL_DEV = ROOT.parent / "shared" / "data" / "real-utterances-dev.jsonl"
-"""Real user utterances, evaluation only: reported, never trained on (absent in a fresh clone)."""
 
 
 class Bert(nn.Module):

@@ -19,7 +19,6 @@ from batcher.tokenization import TextEncoder
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "models" / "intent-zh"
-REAL_DEV = ROOT.parent / "shared" / "data" / "real-utterances-dev.jsonl"
 
 
 def load_script(name: str) -> ModuleType:
@@ -31,15 +30,18 @@ def load_script(name: str) -> ModuleType:
     return module
 
 
+EVALUATE = load_script("evaluate")  # scripts/evaluate.py: what make evaluate runs
+REAL_DEV: Path = EVALUATE.REAL_DEV
+
+
 def predictions(path: Path, graph: str) -> tuple[np.ndarray, np.ndarray]:
     """As `make evaluate` computes them: its batches of 32 and session settings. int8's
     dynamic quantization scales activations per batch, so other batches can flip a close call."""
-    evaluate = load_script("evaluate")
     bundle = load_bundle(BUNDLE, graph)
-    encoder = TextEncoder.from_bundle(BUNDLE, evaluate.MAX_SEQ_LEN)
-    rows, gold, _ = evaluate.load_split(path, encoder, bundle.labels)
+    encoder = TextEncoder.from_bundle(BUNDLE, EVALUATE.MAX_SEQ_LEN)
+    rows, gold, _ = EVALUATE.load_split(path, encoder, bundle.labels)
     model = OnnxModel(bundle, ModelSettings(intra_op_threads=2, device="cpu"))
-    predicted: np.ndarray = evaluate.predict(model, rows, encoder.pad_id, 32)
+    predicted: np.ndarray = EVALUATE.predict(model, rows, encoder.pad_id, 32)
     return predicted, gold
 
 
@@ -76,5 +78,4 @@ def test_the_real_utterance_figures_in_the_card_are_reproduced(graph: str) -> No
 
 
 def test_evaluate_skips_the_real_utterances_cleanly_when_absent(tmp_path: Path) -> None:
-    evaluate = load_script("evaluate")
-    assert evaluate.evaluate_real(load_bundle(BUNDLE), tmp_path / "absent.jsonl") is None
+    assert EVALUATE.evaluate_real(load_bundle(BUNDLE), tmp_path / "absent.jsonl") is None
