@@ -5,7 +5,7 @@ A prediction walks down once: the queue's room (429, before any parsing), the bo
 until its batcher has the rows, so a reload in between hands over the new version and
 never a closing one), the tokenizer, the cache, the batcher, the response.
 Handlers never block: the only per-request work on the loop is JSON parsing, validation,
-building the dialogue's text and (batching.tokenize_on) tokenizing it (~20 µs);
+building the dialogue's text and (batching.tokenize_on) tokenizing it (~5 µs);
 everything batch-sized runs on a worker thread.
 """
 

@@ -4,15 +4,18 @@ pads each batch to its own longest row) and are truncated from the left, keeping
 end of the dialogue.
 
 In serving, a request's turns become its `Text` on the event loop: the one string the
-model reads, tokenized there (`batching.tokenize_on = "loop"`) or left for the worker
+model reads, tokenized there (`batching.tokenize_on = "loop"`; ~2 µs through the exact
+`Shortcut` for a BERT vocabulary, against ~20 µs in the tokenizer) or left for the worker
 thread to tokenize with its whole batch in one `encode_batch` call, which releases the GIL
-(`"worker"`), so the loop does not spend the ~20 µs a text costs the tokenizer. The
+(`"worker"`). The
 tokenizer's own thread pool is off (TOKENIZERS_PARALLELISM=false unless set): the worker
 threads are already one per core."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,8 +59,106 @@ class Text:
         return self.length
 
 
+_ASCII_WORD = re.compile(r"[0-9A-Za-z]+|[^0-9A-Za-z]")
+_WORDS_KEPT = 65536
+# The pipeline Shortcut reproduces: BERT's (what tokenizer.json or vocab.txt bundles give).
+_BERT_PIPELINE = {"normalizer": "BertNormalizer", "pre_tokenizer": "BertPreTokenizer", "model": "WordPiece"}
+
+
+class Shortcut:
+    """The same token ids as the tokenizer's `encode`, for the texts nearly every request
+    carries, at a tenth of its cost (~2 µs against ~20 for a short Chinese utterance:
+    Hugging Face's BERT normalizer and pre-tokenizer cost far more than the lookups).
+
+    Exact by construction, never by approximation: a character goes through the table only
+    if the tokenizer itself, asked at load time, makes it a token of its own whatever its
+    neighbours (a CJK character, punctuation), and a run of ASCII letters and digits is one
+    WordPiece word whose pieces the tokenizer gave on first sight (kept, up to 65,536
+    words). A text with any other character, or a `[` that could spell an added token,
+    gets None and the caller asks the tokenizer. `tests/test_tokenization.py` compares the
+    two on the corpus and on random text."""
+
+    def __init__(self, tokenizer: Tokenizer, max_seq_len: int) -> None:
+        tokenizer = Tokenizer.from_str(tokenizer.to_str())  # a copy that never truncates a word
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self._tokenizer = tokenizer
+        separator = tokenizer.token_to_id(SEPARATOR)
+        assert separator is not None  # for_tokenizer checked
+        self.separator: int = separator
+        framed = tokenizer.encode("a")
+        bare = tokenizer.encode("a", add_special_tokens=False).ids
+        self.prefix = framed.ids[: framed.ids.index(bare[0])] if bare else []
+        self.suffix = framed.ids[len(self.prefix) + len(bare) :]
+        self.room = max_seq_len - len(self.prefix) - len(self.suffix)
+        candidates = sorted({token for token in tokenizer.get_vocab() if len(token) == 1} - set("[0123456789"))
+        self.solo: dict[str, int] = {}
+        for word in ("a", "1"):
+            context = tokenizer.encode(word, add_special_tokens=False).ids
+            around = tokenizer.encode_batch([f"{word}{c}{word}" for c in candidates], add_special_tokens=False)
+            alone = tokenizer.encode_batch(candidates, add_special_tokens=False)
+            for c, with_context, by_itself in zip(candidates, around, alone, strict=True):
+                ids = by_itself.ids
+                if len(ids) == 1 and with_context.ids == [*context, ids[0], *context]:
+                    self.solo.setdefault(c, ids[0])
+                else:
+                    self.solo[c] = -1
+        self.solo = {c: token for c, token in self.solo.items() if token >= 0}
+        self.words: dict[str, list[int]] = {}
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer: Tokenizer, max_seq_len: int) -> Shortcut | None:
+        """A shortcut for a BERT pipeline; None for any other (the tokenizer does it all)."""
+        config = json.loads(tokenizer.to_str())
+        for part, kind in _BERT_PIPELINE.items():
+            if (config.get(part) or {}).get("type") != kind:
+                return None
+        if tokenizer.token_to_id(SEPARATOR) is None or any(tokenizer.encode("a").type_ids):
+            return None
+        return cls(tokenizer, max_seq_len)
+
+    def ids(self, text: str) -> list[int] | None:
+        """The token ids, framed and truncated from the left as the tokenizer does; None when
+        the text needs the tokenizer."""
+        solo = self.solo
+        ids: list[int] = list(self.prefix)
+        for number, piece in enumerate(text.split(SEPARATOR)):
+            if number:
+                ids.append(self.separator)
+            try:
+                ids += [solo[c] for c in piece]  # the common case: CJK and punctuation only
+            except KeyError:
+                if not self._mixed(piece, ids):
+                    return None
+        body = len(ids) - len(self.prefix)
+        if body > self.room:
+            del ids[len(self.prefix) : len(ids) - self.room]
+        ids += self.suffix
+        return ids
+
+    def _mixed(self, piece: str, ids: list[int]) -> bool:
+        solo, words = self.solo, self.words
+        for token in _ASCII_WORD.findall(piece):
+            found = solo.get(token)
+            if found is not None:
+                ids.append(found)
+            elif token == " ":
+                continue
+            elif token[0].isascii() and token[0].isalnum():
+                pieces = words.get(token)
+                if pieces is None:
+                    pieces = self._tokenizer.encode(token, add_special_tokens=False).ids
+                    if len(words) < _WORDS_KEPT:
+                        words[token] = pieces
+                ids += pieces
+            else:
+                return False
+        return True
+
+
 class TextEncoder:
-    """Tokenizes one dialogue text at a time (about 10 µs for a short utterance)."""
+    """Tokenizes one dialogue text at a time (about 2 µs for a short utterance through the
+    `Shortcut`, 20 through the tokenizer)."""
 
     def __init__(self, tokenizer: Tokenizer, max_seq_len: int) -> None:
         tokenizer.no_padding()
@@ -67,6 +168,7 @@ class TextEncoder:
         self._tokenizer = tokenizer
         self.max_seq_len = max_seq_len
         self.pad_id = tokenizer.token_to_id("[PAD]") or 0
+        self.shortcut = Shortcut.for_tokenizer(tokenizer, max_seq_len)
 
     @classmethod
     def from_bundle(cls, directory: Path, max_seq_len: int) -> TextEncoder:
@@ -91,6 +193,10 @@ class TextEncoder:
         return int(self._tokenizer.get_vocab_size())
 
     def encode(self, text: str) -> Encoded:
+        if self.shortcut is not None:
+            ids = self.shortcut.ids(text)
+            if ids is not None:
+                return Encoded(ids, [0] * len(ids))
         encoding = self._tokenizer.encode(text)
         return Encoded(encoding.ids, encoding.type_ids)
 
