@@ -82,6 +82,7 @@ class Batcher:
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._waker: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop  # set by start(), before anything is admitted
         self._closing = False
         self._closed = False
         self._probe_delay_s = PROBE_DELAY_S
@@ -112,7 +113,8 @@ class Batcher:
 
     def start(self) -> None:
         self._worker.start()
-        self._task = asyncio.get_running_loop().create_task(self._supervise(), name="batcher")
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._supervise(), name="batcher")
         self.accepting = True
 
     def check_admission(self, rows: int = 1) -> None:
@@ -148,7 +150,7 @@ class Batcher:
             raise NotReady("the batcher is not running")
 
     def _admit(self, text: Text) -> asyncio.Future[Prediction]:
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         now = loop.time()
         entry = Pending(text, now, now + self._timeout_s, loop.create_future(), time.perf_counter())
         self._queue.push(entry)  # fits: checked just above, on this same thread

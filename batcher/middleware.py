@@ -58,15 +58,17 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     # Generated ids are random (sequential ones would tell a client the request volume);
     # not secrets, so Python's generator, not a getrandom() system call per request.
     request[REQUEST_ID_KEY] = request_id = incoming if _REQUEST_ID_OK.match(incoming) else f"{getrandbits(128):032x}"
+    app = request.app
     route = route_label(request)
     model = model_label(request, route)
-    metrics = request.app[METRICS]
+    metrics = app[METRICS]
     try:
         if route in GUARDED_ROUTES:
             headers = request.headers
-            request.app[ACCESS].check(
-                authorization=headers.get("Authorization"), origin=headers.get("Origin"), host=request.host
-            )
+            access = app[ACCESS]
+            origin = headers.get("Origin")
+            if access.tokens or origin is not None:  # else there is nothing to check
+                access.check(authorization=headers.get("Authorization"), origin=origin, host=request.host)
         response = await handler(request)
     except Unauthorized as error:
         if model:
@@ -82,7 +84,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
         log.exception("unhandled error on %s %s", loggable(request.method), loggable(request.path))
         response = json_response(InternalError().body(), status=500)
     response.headers[REQUEST_ID] = request_id
-    if request.app[MODELS].stopping:  # shutting down: clients reconnect, to another replica
+    if app[MODELS].stopping:  # shutting down: clients reconnect, to another replica
         response.force_close()
     if route.startswith("/v2") and response.status >= 400 and isinstance(response, web.Response):
         response = oip_error(response)
