@@ -41,6 +41,8 @@ _WHITESPACE = re.compile(f"[{WHITESPACE}]+")
 # Spellings of the format's own tokens and markers inside user text: brackets and the
 # full-width colon are swapped for look-alikes the tokenizer reads as plain text.
 _RESERVED = re.compile(r"\[(SEP|CLS|PAD|MASK|UNK)\]|(用户|助手)：", re.IGNORECASE)
+# What any of the three rewrites needs to find (most texts have none: they are kept as given).
+_TO_CLEAN = re.compile(f"[{WHITESPACE}{INVISIBLE}\\[：]")
 
 
 def char_budget(max_seq_len: int) -> int:
@@ -55,6 +57,8 @@ def is_blank(text: str) -> bool:
 def clean(text: str) -> str:
     """The text as the model reads it: invisible characters dropped, whitespace runs made
     one space, reserved spellings neutralised; "" when the text is blank."""
+    if _TO_CLEAN.search(text) is None:
+        return text
     text = _WHITESPACE.sub(" ", _INVISIBLE.sub("", text)).strip(" ")
     return _RESERVED.sub(_neutralise, text)
 
@@ -72,7 +76,11 @@ def speaker_marker(speaker: str) -> str:
 def dialogue_text(turns: Iterable[tuple[str, str]], max_chars: int) -> str:
     """Join `(speaker, text)` turns into model text of at most `max_chars` characters,
     dropping blank turns and cutting from the start when too long."""
-    pieces = [speaker_marker(speaker) + text for speaker, text in ((s, clean(t)) for s, t in turns) if text]
+    pieces = []
+    for speaker, raw in turns:
+        text = clean(raw)
+        if text:
+            pieces.append(speaker_marker(speaker) + text)
     kept: list[str] = []
     budget = max_chars
     for piece in reversed(pieces):

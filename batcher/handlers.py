@@ -116,19 +116,26 @@ async def models(request: web.Request) -> web.Response:
 async def predict(request: web.Request) -> web.Response:
     """POST /predict (the default model) and /models/{name}/predict."""
     name = request.match_info.get("name")
-    request.app[MODELS].get(name).batcher.check_admission()  # 429 before any parsing
-    data = await read_json(request, batch=False)
-    runtime = request.app[MODELS].get(name)  # after the last await before admission: see the module's docstring
+    app = request.app
+    models, settings = app[MODELS], app[SETTINGS]
+    models.get(name).batcher.check_admission()  # 429 before any parsing
+    data = await read_json(request, settings.server, batch=False)
+    runtime = models.get(name)  # after the last await before admission: see the module's docstring
     body = validate(PredictRequest, data)
-    prediction = (await predict_rows(request, runtime, [encode(request, runtime, body)]))[0]
-    log_predictions(request, runtime, [body], [prediction])
+    row = encode(request, runtime, body)
+    if runtime.cache is None:
+        prediction = await runtime.batcher.submit(row)  # cancelling this handler cancels the future
+    else:
+        prediction = (await predict_rows(request, runtime, [row]))[0]
+    if settings.log.predictions:
+        log_predictions(request, runtime, [body], [prediction])
     result = render(runtime.labels, body, prediction, request[STARTED])
     return json_response(result, headers={**timing_headers(prediction), MODEL_VERSION: runtime.version})
 
 
 async def predict_batch(request: web.Request) -> web.Response:
     """POST /predict/batch (the default model) and /models/{name}/predict/batch."""
-    data = await read_json(request, batch=True)
+    data = await read_json(request, request.app[SETTINGS].server, batch=True)
     runtime = request.app[MODELS].get(request.match_info.get("name"))
     body = validate(BatchPredictRequest, data)
     predictions = await predict_rows(request, runtime, [encode(request, runtime, item) for item in body.items])
@@ -252,7 +259,7 @@ def check_sizes(data: Any, server: ServerSettings, *, batch: bool = False) -> No
 def encode(request: web.Request, runtime: Runtime, body: PredictRequest) -> Text:
     """The dialogue's text as the model reads it; tokenized here (timed into
     batcher_tokenize_duration_seconds) unless a worker thread does it with its batch."""
-    turns = ((turn.speaker, turn.text) for turn in body.turns)
+    turns = [(turn.speaker, turn.text) for turn in body.turns]
     if not runtime.tokenize_on_loop:
         return runtime.encoder.prepare(turns, tokenize=False)
     started = time.perf_counter()
@@ -269,11 +276,10 @@ async def openapi(request: web.Request) -> web.Response:
     return json_response(request.app[OPENAPI])
 
 
-async def read_json(request: web.Request, *, batch: bool) -> Any:
+async def read_json(request: web.Request, server: ServerSettings, *, batch: bool) -> Any:
     """The parsed body (`read_body`), 400 if not JSON, 413 over the item, turn or text
     limits (`check_sizes`)."""
-    server = request.app[SETTINGS].server
-    raw = await read_body(request)
+    raw = await read_body(request, server)
     if len(raw) < LARGE_BODY_BYTES:
         data = _parse(raw)
         check_sizes(data, server, batch=batch)
@@ -294,11 +300,10 @@ async def read_json(request: web.Request, *, batch: bool) -> Any:
         gc.enable()
 
 
-async def read_body(request: web.Request) -> bytes:
+async def read_body(request: web.Request, server: ServerSettings) -> bytes:
     """The body's bytes: 413 past client_max_size (checked before reading), 408 if it arrives
     slower than body_read_timeout_s, 400 if it cannot be decoded (a Content-Encoding or
     chunking that lies; the connection is then closed, its stream being unusable)."""
-    server = request.app[SETTINGS].server
     limit = server.client_max_size_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"request body is {request.content_length} bytes, more than the {limit} allowed")

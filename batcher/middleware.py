@@ -27,6 +27,7 @@ from batcher.errors import (
 from batcher.handlers import ACCESS, METRICS, MODELS, STARTED, json_response
 from batcher.handlers import REQUEST_ID as REQUEST_ID_KEY
 from batcher.metrics import ADMIN_ROUTES, PREDICT_ROUTES, ROUTES
+from batcher.runtime import Models
 from batcher.schemas import REQUEST_ID_PATTERN
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ GUARDED_ROUTES = frozenset((*PREDICT_ROUTES, *ADMIN_ROUTES))
 """Routes behind the bearer tokens and the origin check."""
 _OIP_KEPT_HEADERS = frozenset(("retry-after", "allow", "www-authenticate"))
 DEFAULT_MODEL_ROUTES = frozenset(("/predict", "/predict/batch", "/intents"))
+_ROUTES = frozenset(ROUTES)
+_PREDICT_ROUTES = frozenset(PREDICT_ROUTES)
 
 
 def route_label(request: web.Request) -> str:
@@ -45,7 +48,7 @@ def route_label(request: web.Request) -> str:
     canonical = resource.canonical if resource is not None else ""
     if canonical.startswith("/docs"):
         return "/docs"
-    return canonical if canonical in ROUTES else "other"
+    return canonical if canonical in _ROUTES else "other"
 
 
 @web.middleware
@@ -60,7 +63,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     request[REQUEST_ID_KEY] = request_id = incoming if _REQUEST_ID_OK.match(incoming) else f"{getrandbits(128):032x}"
     app = request.app
     route = route_label(request)
-    model = model_label(request, route)
+    model = model_label(request, route, app[MODELS])
     metrics = app[METRICS]
     try:
         if route in GUARDED_ROUTES:
@@ -86,10 +89,12 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     response.headers[REQUEST_ID] = request_id
     if app[MODELS].stopping:  # shutting down: clients reconnect, to another replica
         response.force_close()
-    if route.startswith("/v2") and response.status >= 400 and isinstance(response, web.Response):
+    status = response.status
+    if status >= 400 and route.startswith("/v2") and isinstance(response, web.Response):
         response = oip_error(response)
-    metrics.answered(route, response.status, time.perf_counter() - started, model)
-    if model and route in PREDICT_ROUTES and response.status in _INVALID_STATUSES:
+        status = response.status
+    metrics.answered(route, status, time.perf_counter() - started, model)
+    if status in _INVALID_STATUSES and model and route in _PREDICT_ROUTES:
         metrics.for_model(model).rejected["invalid"].inc()
     return response
 
@@ -115,14 +120,14 @@ def oip_error(response: web.Response) -> web.Response:
     return answer
 
 
-def model_label(request: web.Request, route: str) -> str:
+def model_label(request: web.Request, route: str, models: Models) -> str:
     """The configured model a request asked for, for the `model` label: the default one on
     the unnamed routes, "" where none (or a name that is not configured: arbitrary names
     would make unbounded label values)."""
     name = request.match_info.get("name")
     if name is None:
-        return request.app[MODELS].default if route in DEFAULT_MODEL_ROUTES else ""
-    return name if name in request.app[MODELS].names else ""
+        return models.default if route in DEFAULT_MODEL_ROUTES else ""
+    return name if name in models.names else ""
 
 
 def _from_aiohttp(request: web.Request, exc: web.HTTPException) -> dict[str, dict[str, str]]:

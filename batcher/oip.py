@@ -93,7 +93,7 @@ async def model_ready(request: web.Request) -> web.Response:
 async def infer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
     request.app[MODELS].get(name).batcher.check_admission()  # 429 before any parsing
-    raw = await read_body(request)
+    raw = await read_body(request, request.app[SETTINGS].server)
     header, binary = _split(raw, request.headers.get(HEADER_LENGTH))
     texts, request_id = _texts(header, binary, limit=request.app[SETTINGS].server.max_batch_items)
     runtime = request.app[MODELS].get(name)  # after the last await before admission (handlers' docstring)

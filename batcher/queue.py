@@ -92,7 +92,7 @@ def _choose(live: list[Pending], limits: BatchLimits) -> list[int]:
     group holding the oldest request runs now. So short requests are padded to a long
     one's length only when the run overhead saved pays for the padding.
     """
-    lengths = [entry.length for entry in live]
+    lengths = [entry.text.length for entry in live]
     if len(live) <= limits.max_batch_size:
         longest = max(lengths)
         waste = len(live) * longest - sum(lengths)
@@ -173,5 +173,5 @@ class RequestQueue:
         """Whether enough is queued to fill a batch by rows or by padded tokens."""
         if len(self._pending) >= limits.max_batch_size:
             return True
-        longest = max((entry.length for entry in self._pending), default=0)
+        longest = max([entry.text.length for entry in self._pending], default=0)
         return len(self._pending) * longest >= limits.max_batch_tokens

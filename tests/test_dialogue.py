@@ -3,9 +3,10 @@ from __future__ import annotations
 import re
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batcher import dialogue
 from batcher.dialogue import SEPARATOR, VISIBLE, clean, dialogue_text, is_blank
 
 
@@ -72,3 +73,12 @@ def test_invisible_characters_inside_text_are_dropped() -> None:
 )
 def test_user_text_cannot_forge_separators_or_speakers(text: str, model_reads: str) -> None:
     assert dialogue_text([("user", text)], 512) == "用户：" + model_reads
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("播放 \t\n\u3000\u200b\ufeff[]SEPsep用户助手：:ab\x00\x85")), max_size=30))
+def test_clean_keeps_a_text_that_needs_nothing_as_given_and_rewrites_the_rest(text: str) -> None:
+    reference = dialogue._RESERVED.sub(
+        dialogue._neutralise, dialogue._WHITESPACE.sub(" ", dialogue._INVISIBLE.sub("", text)).strip(" ")
+    )
+    assert dialogue.clean(text) == reference
