@@ -7,7 +7,10 @@ One run, one machine, one corpus, one client, servers one at a time:
 4. the old design (bench/baselines/naive_server.py) padded to 128, and padded to each
    request's own length;
 5. a tuning sweep over max_batch_size x max_wait_s;
-6. where the time goes: py-spy attached to batcher (defaults) through a 64-client step.
+6. where the time goes: py-spy attached to batcher (defaults) through a 64-client step;
+7. side by side: batcher (defaults) and, in turn, mosec, PyTriton and the bare aiohttp
+   floor, two servers up at a time and their 64-client steps alternating (A B A B ...), so
+   that the ratios the targets read are not moved by the machine's drift between steps.
 Each server gets a closed-loop step at 64 clients and an open-loop sweep; batcher also a
 closed-loop step at 1 client. Figures are written with the machine, command and date.
 """
@@ -45,6 +48,8 @@ ZIPF = 1.1
 LAYOUTS = (("1 session x 2 threads", 1, 2), ("2 sessions x 1 thread", 2, 1), ("1 session x 1 thread", 1, 1))
 CEILING_BATCH_SIZES = (1, 8, 32, 64)
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.15)
+SIDE_BY_SIDE_ROUNDS = 3
+BATCHER = "batcher (defaults)"
 TUNING_BATCH_SIZES = (8, 16, 32, 64)
 TUNING_WAITS_MS = (0, 2, 5)
 # Thread layouts on 2 cores: (label, overrides), compared at the default batching settings.
@@ -123,7 +128,7 @@ async def lone_client(corpus: Corpus, args: argparse.Namespace, rounds: int = 4)
     """One closed-loop client against batcher with and without batching, both servers up and
     the steps interleaved (A B A B ...), so drift on a shared machine hits both alike."""
     servers = [
-        batcher_server("batcher (defaults)"),
+        batcher_server(BATCHER),
         batcher_server("batcher max_batch_size=1", "batching.max_batch_size=1"),
     ]
     steps: dict[str, list[dict[str, Any]]] = {server.name: [] for server in servers}
@@ -185,10 +190,7 @@ async def floor(corpus: Corpus, args: argparse.Namespace, rate: float) -> dict[s
     server (parse the body, answer a small JSON) held to batcher's request rate; and the
     overhead ceilings: batcher and mosec with an instant model (no ONNX Runtime)."""
     delay_ms = 64 / rate * 1000
-    bare = Server(
-        "bare aiohttp + uvloop",
-        [sys.executable, "-m", "bench.baselines.bare_server", "--port", "{port}", "--delay-ms", f"{delay_ms:.3f}"],
-    )
+    bare = bare_server(rate)
     instant = Server(
         "batcher, instant model",
         [sys.executable, "-m", "bench.instant_server", "--port", "{port}", "--set", 'server.log_level="warning"'],
@@ -213,6 +215,52 @@ async def floor(corpus: Corpus, args: argparse.Namespace, rate: float) -> dict[s
         "instant": steps[instant.name],
         "instant_peers": {name: step for name, step in steps.items() if name not in (bare.name, instant.name)},
     }
+
+
+def bare_server(rate: float) -> Server:
+    """The floor (bench/baselines/bare_server.py), each answer held so that 64 closed-loop
+    clients drive it at `rate`."""
+    delay_ms = 64 / rate * 1000
+    args = [sys.executable, "-m", "bench.baselines.bare_server", "--port", "{port}", "--delay-ms", f"{delay_ms:.3f}"]
+    return Server("bare aiohttp + uvloop", args)
+
+
+async def side_by_side(corpus: Corpus, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """batcher (defaults) against each of mosec, PyTriton and the floor, both up at once and
+    their 64-client steps alternating, SIDE_BY_SIDE_ROUNDS times: the step rows by pair."""
+    others: list[tuple[Server | None, str]] = [
+        (peer_server(name, peer, served_graph()), endpoint) for peer, name, endpoint in PEERS
+    ]
+    others.append((bare_server(rate), "predict"))
+    pairs: dict[str, Any] = {}
+    for other, endpoint in others:
+        if other is None:
+            continue
+        ours = batcher_server(BATCHER)
+        print(f"== side by side: {BATCHER} and {other.name}", file=sys.stderr)
+        rows: dict[str, list[dict[str, Any]]] = {"batcher": [], "other": []}
+        with ours, other:
+            for _ in range(SIDE_BY_SIDE_ROUNDS):
+                for key, server, kind in (("batcher", ours, "predict"), ("other", other, endpoint)):
+                    assert server.process is not None
+                    step = await run_steps(
+                        server.url,
+                        [Load("closed", 64)],
+                        corpus=corpus,
+                        seed=args.seed,
+                        endpoint=kind,
+                        duration_s=args.step_duration,
+                        warmup_s=1,
+                        pid=server.process.pid,
+                        progress=False,
+                    )
+                    rows[key].append(step[0])
+                    print(
+                        f"  {server.name}: {step[0]['throughput_rps']:.0f} req/s, p99 {step[0]['p99_ms']:.1f} ms",
+                        file=sys.stderr,
+                    )
+        pairs[other.name] = rows
+    return pairs
 
 
 async def cache_replay(args: argparse.Namespace) -> dict[str, Any]:
@@ -308,7 +356,7 @@ async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
     results["lone_client"] = await lone_client(corpus, args)
     servers = {}
     for server in (
-        batcher_server("batcher (defaults)"),
+        batcher_server(BATCHER),
         batcher_server("batcher max_batch_size=1", "batching.max_batch_size=1"),
         batcher_server("batcher, fp32 graph (model.file=model.onnx)", 'model.file="model.onnx"'),
         naive_server("naive, padded to 128", "max", served_graph()),
@@ -328,15 +376,16 @@ async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
         print(f"== {name}", file=sys.stderr)
         with found:
             results["peers"]["servers"][name] = await measure_server(found, corpus, args, endpoint)
-    rate = servers["batcher (defaults)"]["closed64"]["throughput_rps"]
+    rate = servers[BATCHER]["closed64"]["throughput_rps"]
     print("== the floor: a bare aiohttp server held to batcher's rate; batcher with an instant model", file=sys.stderr)
     results["floor"] = await floor(corpus, args, rate)
     print("== the response cache on a Zipf replay", file=sys.stderr)
     results["cache"] = await cache_replay(args)
     print("== batcher (defaults) under py-spy", file=sys.stderr)
     results["profile"] = await profile_batcher(corpus, args)
+    results["side_by_side"] = await side_by_side(corpus, args, rate)
     if not args.skip_tuning:
-        rate = round(servers["batcher (defaults)"]["closed64"]["throughput_rps"] / 2, 1)
+        rate = round(servers[BATCHER]["closed64"]["throughput_rps"] / 2, 1)
         results["tuning_rate"] = rate
         results["tuning"] = await tuning(corpus, args, rate)
     return results
