@@ -31,7 +31,7 @@ from bench.servers import ROOT, batcher_server, provenance, rss_bytes
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Driver, Load
 from loadtest.http import HttpClient
-from loadtest.server_metrics import scrape
+from loadtest.server_metrics import grown, scrape
 from loadtest.steps import run_steps
 
 OUT = ROOT / "reliability"
@@ -137,15 +137,11 @@ async def disconnect_storm(corpus: Corpus, args: argparse.Namespace) -> dict[str
             await asyncio.sleep(1)
             after = await scrape(session, server.url + "/metrics")
 
-    def delta(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        return after.get(key, 0.0) - before.get(key, 0.0)
-
     return {
         "storm_sent": storm_sent,
         "normal_sent": during["requests"],
-        "rows_computed": delta("batcher_batch_size_sum"),
-        "disconnected": delta("batcher_rejected_total", reason="disconnected"),
+        "rows_computed": grown(before, after, "batcher_batch_size_sum"),
+        "disconnected": grown(before, after, "batcher_rejected_total", reason="disconnected"),
         "baseline": baseline,
         "during": during,
     }

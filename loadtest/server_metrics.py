@@ -28,7 +28,7 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> Samples:
     return samples
 
 
-def _delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+def grown(before: Samples, after: Samples, name: str, **labels: str) -> float:
     """How much a sample grew, summed over every series of `name` that has `labels` (over
     all models, when a server serves several)."""
     wanted = set(labels.items())
@@ -64,9 +64,9 @@ def breakdown(before: Samples, after: Samples, wall_s: float) -> dict[str, objec
     """Batch sizes, queue wait vs inference, padding, rejections and CPU over one step."""
     if not any(name.startswith("batcher_") for name, _ in after):
         return {}
-    batches = _delta(before, after, "batcher_batch_size_count")
-    rows = _delta(before, after, "batcher_batch_size_sum")
-    requests = _delta(before, after, "batcher_queue_wait_seconds_count")
+    batches = grown(before, after, "batcher_batch_size_count")
+    rows = grown(before, after, "batcher_batch_size_sum")
+    requests = grown(before, after, "batcher_queue_wait_seconds_count")
     size_buckets = _buckets(before, after, "batcher_batch_size")
     distribution: dict[str, float] = {}
     previous = 0.0
@@ -74,38 +74,38 @@ def breakdown(before: Samples, after: Samples, wall_s: float) -> dict[str, objec
         if cumulative - previous:
             distribution[f"le{bound:g}"] = cumulative - previous
         previous = cumulative
-    real = _delta(before, after, "batcher_batch_tokens_total", kind="real")
-    padding = _delta(before, after, "batcher_batch_tokens_total", kind="padding")
+    real = grown(before, after, "batcher_batch_tokens_total", kind="real")
+    padding = grown(before, after, "batcher_batch_tokens_total", kind="padding")
     queue_buckets = _buckets(before, after, "batcher_queue_wait_seconds")
     inference_buckets = _buckets(before, after, "batcher_inference_duration_seconds")
 
     def ms(value: float | None) -> float | None:
         return None if value is None else round(value * 1000, 3)
 
-    loop_cpu = _delta(before, after, "batcher_event_loop_cpu_seconds_total")
-    hits = _delta(before, after, "batcher_cache_requests_total", result="hit")
-    misses = _delta(before, after, "batcher_cache_requests_total", result="miss")
+    loop_cpu = grown(before, after, "batcher_event_loop_cpu_seconds_total")
+    hits = grown(before, after, "batcher_cache_requests_total", result="hit")
+    misses = grown(before, after, "batcher_cache_requests_total", result="miss")
     return {
         "batches": batches,
         "mean_batch_size": round(rows / batches, 2) if batches else None,
         "batch_size_distribution": distribution,
-        "queue_wait_mean_ms": ms(_delta(before, after, "batcher_queue_wait_seconds_sum") / requests)
+        "queue_wait_mean_ms": ms(grown(before, after, "batcher_queue_wait_seconds_sum") / requests)
         if requests
         else None,
         "queue_wait_p50_ms_le": ms(_quantile(queue_buckets, 0.5)),
         "queue_wait_p99_ms_le": ms(_quantile(queue_buckets, 0.99)),
-        "inference_mean_ms": ms(_delta(before, after, "batcher_inference_duration_seconds_sum") / batches)
+        "inference_mean_ms": ms(grown(before, after, "batcher_inference_duration_seconds_sum") / batches)
         if batches
         else None,
         "inference_p99_ms_le": ms(_quantile(inference_buckets, 0.99)),
         "padding_ratio": round(padding / (real + padding), 3) if real + padding else None,
-        "model_busy_share": round(_delta(before, after, "batcher_model_busy_seconds_total") / wall_s, 3),
+        "model_busy_share": round(grown(before, after, "batcher_model_busy_seconds_total") / wall_s, 3),
         "rejected": {
-            reason: _delta(before, after, "batcher_rejected_total", reason=reason)
+            reason: grown(before, after, "batcher_rejected_total", reason=reason)
             for reason in ("queue_full", "deadline", "disconnected", "invalid", "model_error", "not_ready")
         },
         "cache_hit_ratio": round(hits / (hits + misses), 3) if hits + misses else None,
-        "server_cpu_share": round(_delta(before, after, "process_cpu_seconds_total") / wall_s, 3),
+        "server_cpu_share": round(grown(before, after, "process_cpu_seconds_total") / wall_s, 3),
         "event_loop_cpu_share": round(loop_cpu / wall_s, 3),
         "event_loop_cpu_us_per_request": round(loop_cpu / requests * 1e6, 1) if requests else None,
     }

@@ -153,3 +153,14 @@ def test_a_request_cut_after_the_drain_breaks_its_bound(tmp_path: Path) -> None:
     cut["shutdown"]["after"] = {"503": 900, "refused": 11_000, "connection_error": 3}
     row = bound_row(render(cut, tmp_path), "| new requests after the drain began")
     assert row.endswith("**not met** |")
+
+
+def test_the_storm_bound_needs_the_normal_rows_computed(tmp_path: Path) -> None:
+    # A scrape that finds no rows (a metric renamed or relabelled) must not read as "met".
+    assert bound_row(render(results(4.0), tmp_path), "| rows the model computed").endswith(
+        "fewer than all requests sent) |"
+    )
+    assert "| 7500 (met" in render(results(4.0), tmp_path)
+    nothing = results(4.0)
+    nothing["disconnect"] = {**nothing["disconnect"], "rows_computed": 0.0}
+    assert "| 0 (**not met**" in render(nothing, tmp_path)
