@@ -127,8 +127,7 @@ async def predict(request: web.Request) -> web.Response:
         prediction = await runtime.batcher.submit(row)  # cancelling this handler cancels the future
     else:
         prediction = (await predict_rows(request, runtime, [row]))[0]
-    if settings.log.predictions:
-        log_predictions(request, runtime, [body], [prediction])
+    log_predictions(request, runtime, [body], [prediction])
     result = render(runtime.labels, body, prediction, request[STARTED])
     return json_response(result, headers={**timing_headers(prediction), MODEL_VERSION: runtime.version})
 

@@ -92,18 +92,19 @@ class Shortcut:
         self.suffix = framed.ids[len(self.prefix) + len(bare) :]
         self.room = max_seq_len - len(self.prefix) - len(self.suffix)
         candidates = sorted({token for token in tokenizer.get_vocab() if len(token) == 1} - set("[0123456789"))
+        alone = tokenizer.encode_batch(candidates, add_special_tokens=False)
+        contexts = [
+            (
+                tokenizer.encode(word, add_special_tokens=False).ids,
+                tokenizer.encode_batch([f"{word}{c}{word}" for c in candidates], add_special_tokens=False),
+            )
+            for word in ("a", "1")
+        ]
         self.solo: dict[str, int] = {}
-        for word in ("a", "1"):
-            context = tokenizer.encode(word, add_special_tokens=False).ids
-            around = tokenizer.encode_batch([f"{word}{c}{word}" for c in candidates], add_special_tokens=False)
-            alone = tokenizer.encode_batch(candidates, add_special_tokens=False)
-            for c, with_context, by_itself in zip(candidates, around, alone, strict=True):
-                ids = by_itself.ids
-                if len(ids) == 1 and with_context.ids == [*context, ids[0], *context]:
-                    self.solo.setdefault(c, ids[0])
-                else:
-                    self.solo[c] = -1
-        self.solo = {c: token for c, token in self.solo.items() if token >= 0}
+        for index, c in enumerate(candidates):
+            ids = alone[index].ids
+            if len(ids) == 1 and all(around[index].ids == [*word, ids[0], *word] for word, around in contexts):
+                self.solo[c] = ids[0]
         self.words: dict[str, list[int]] = {}
 
     @classmethod
