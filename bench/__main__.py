@@ -36,6 +36,7 @@ import uvloop
 from batcher.bundle import choose_graph
 from batcher.config import load_settings
 from bench import profile
+from bench.ab import alternate
 from bench.servers import MODEL, PEER_SETTINGS, ROOT, Server, batcher_server, naive_server, peer_server, provenance
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Load
@@ -189,7 +190,6 @@ async def floor(corpus: Corpus, args: argparse.Namespace, rate: float) -> dict[s
     """What the event loop costs beyond the minimum, at the same 64 clients: a bare aiohttp
     server (parse the body, answer a small JSON) held to batcher's request rate; and the
     overhead ceilings: batcher and mosec with an instant model (no ONNX Runtime)."""
-    delay_ms = 64 / rate * 1000
     bare = bare_server(rate)
     instant = Server(
         "batcher, instant model",
@@ -210,18 +210,29 @@ async def floor(corpus: Corpus, args: argparse.Namespace, rate: float) -> dict[s
                 )
             )[0]
     return {
-        "bare_delay_ms": round(delay_ms, 2),
+        "bare_delay_ms": round(hold_ms(rate), 2),
         "bare": steps[bare.name],
         "instant": steps[instant.name],
         "instant_peers": {name: step for name, step in steps.items() if name not in (bare.name, instant.name)},
     }
 
 
+def hold_ms(rate: float) -> float:
+    """How long the floor holds each answer so that 64 closed-loop clients drive it at `rate`."""
+    return 64 / rate * 1000
+
+
 def bare_server(rate: float) -> Server:
-    """The floor (bench/baselines/bare_server.py), each answer held so that 64 closed-loop
-    clients drive it at `rate`."""
-    delay_ms = 64 / rate * 1000
-    args = [sys.executable, "-m", "bench.baselines.bare_server", "--port", "{port}", "--delay-ms", f"{delay_ms:.3f}"]
+    """The floor (bench/baselines/bare_server.py), held to `rate` (`hold_ms`)."""
+    args = [
+        sys.executable,
+        "-m",
+        "bench.baselines.bare_server",
+        "--port",
+        "{port}",
+        "--delay-ms",
+        f"{hold_ms(rate):.3f}",
+    ]
     return Server("bare aiohttp + uvloop", args)
 
 
@@ -236,30 +247,18 @@ async def side_by_side(corpus: Corpus, args: argparse.Namespace, rate: float) ->
     for other, endpoint in others:
         if other is None:
             continue
-        ours = batcher_server(BATCHER)
         print(f"== side by side: {BATCHER} and {other.name}", file=sys.stderr)
-        rows: dict[str, list[dict[str, Any]]] = {"batcher": [], "other": []}
-        with ours, other:
-            for _ in range(SIDE_BY_SIDE_ROUNDS):
-                for key, server, kind in (("batcher", ours, "predict"), ("other", other, endpoint)):
-                    assert server.process is not None
-                    step = await run_steps(
-                        server.url,
-                        [Load("closed", 64)],
-                        corpus=corpus,
-                        seed=args.seed,
-                        endpoint=kind,
-                        duration_s=args.step_duration,
-                        warmup_s=1,
-                        pid=server.process.pid,
-                        progress=False,
-                    )
-                    rows[key].append(step[0])
-                    print(
-                        f"  {server.name}: {step[0]['throughput_rps']:.0f} req/s, p99 {step[0]['p99_ms']:.1f} ms",
-                        file=sys.stderr,
-                    )
-        pairs[other.name] = rows
+        steps = await alternate(
+            [batcher_server(BATCHER), other],
+            Load("closed", 64),
+            rounds=SIDE_BY_SIDE_ROUNDS,
+            duration_s=args.step_duration,
+            warmup_s=1,
+            corpus=corpus,
+            seed=args.seed,
+            endpoints={other.name: endpoint},
+        )
+        pairs[other.name] = {"batcher": steps[BATCHER], "other": steps[other.name]}
     return pairs
 
 

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,23 +35,35 @@ FIELDS: tuple[tuple[str, Callable[[dict[str, Any]], float]], ...] = (
 
 
 async def alternate(
-    servers: list[Server], load: Load, *, rounds: int, duration_s: float, warmup_s: float, corpus: Corpus, seed: int
+    servers: list[Server],
+    load: Load,
+    *,
+    rounds: int,
+    duration_s: float,
+    warmup_s: float,
+    corpus: Corpus,
+    seed: int,
+    endpoints: Mapping[str, str] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every server up at once, one step each in turn (A B A B ...), `rounds` times: drift of
-    a shared machine hits all alike. The step rows by server name."""
+    a shared machine hits all alike. `endpoints` gives the load generator's --endpoint by
+    server name (default predict). The step rows by server name."""
     steps: dict[str, list[dict[str, Any]]] = {server.name: [] for server in servers}
     for server in servers:
         server.__enter__()
     try:
         for round_ in range(rounds):
             for server in servers:
+                assert server.process is not None
                 rows = await run_steps(
                     server.url,
                     [load],
                     corpus=corpus,
                     seed=seed,
+                    endpoint=(endpoints or {}).get(server.name, "predict"),
                     duration_s=duration_s,
                     warmup_s=warmup_s,
+                    pid=server.process.pid,
                     progress=False,
                 )
                 steps[server.name].append(rows[0])
