@@ -27,7 +27,7 @@ from aiohttp import web, web_protocol
 
 from batcher.auth import Access
 from batcher.batching import Prediction
-from batcher.config import ServerSettings, Settings
+from batcher.config import LogSettings, ServerSettings, Settings
 from batcher.errors import (
     InvalidBody,
     InvalidJSON,
@@ -122,12 +122,12 @@ async def predict(request: web.Request) -> web.Response:
     data = await read_json(request, settings.server, batch=False)
     runtime = models.get(name)  # after the last await before admission: see the module's docstring
     body = validate(PredictRequest, data)
-    row = encode(request, runtime, body)
+    row = encode(runtime, body)
     if runtime.cache is None:
         prediction = await runtime.batcher.submit(row)  # cancelling this handler cancels the future
     else:
-        prediction = (await predict_rows(request, runtime, [row]))[0]
-    log_predictions(request, runtime, [body], [prediction])
+        prediction = (await predict_rows(runtime, [row]))[0]
+    log_predictions(settings.log, request[REQUEST_ID], runtime, [body], [prediction])
     result = render(runtime.labels, body, prediction, request[STARTED])
     return json_response(result, headers={**timing_headers(prediction), MODEL_VERSION: runtime.version})
 
@@ -137,8 +137,8 @@ async def predict_batch(request: web.Request) -> web.Response:
     data = await read_json(request, request.app[SETTINGS].server, batch=True)
     runtime = request.app[MODELS].get(request.match_info.get("name"))
     body = validate(BatchPredictRequest, data)
-    predictions = await predict_rows(request, runtime, [encode(request, runtime, item) for item in body.items])
-    log_predictions(request, runtime, body.items, predictions)
+    predictions = await predict_rows(runtime, [encode(runtime, item) for item in body.items])
+    log_predictions(request.app[SETTINGS].log, request[REQUEST_ID], runtime, body.items, predictions)
     started = request[STARTED]
     results = [render(runtime.labels, item, p, started) for item, p in zip(body.items, predictions, strict=True)]
     return json_response({"results": results}, headers={MODEL_VERSION: runtime.version})
@@ -161,7 +161,7 @@ async def reload(request: web.Request) -> web.Response:
     return json_response(result)
 
 
-async def predict_rows(request: web.Request, runtime: Runtime, rows: list[Text]) -> list[Prediction]:
+async def predict_rows(runtime: Runtime, rows: list[Text]) -> list[Prediction]:
     """Each row's prediction, from the cache or a model run; rows to compute are admitted
     together or not at all (429/413)."""
     cache = runtime.cache
@@ -199,10 +199,13 @@ async def gathered(futures: list[asyncio.Future[Prediction]]) -> list[Prediction
 
 
 def log_predictions(
-    request: web.Request, runtime: Runtime, bodies: Sequence[PredictRequest], predictions: Sequence[Prediction]
+    settings: LogSettings,
+    request_id: str,
+    runtime: Runtime,
+    bodies: Sequence[PredictRequest],
+    predictions: Sequence[Prediction],
 ) -> None:
     """One JSON line per sampled answer (log.predictions): the text only with log.prediction_text."""
-    settings = request.app[SETTINGS].log
     if not settings.predictions:
         return
     for body, prediction in zip(bodies, predictions, strict=True):
@@ -210,7 +213,7 @@ def log_predictions(
             continue
         record: dict[str, Any] = {
             "time": time.time(),
-            "request_id": request[REQUEST_ID],
+            "request_id": request_id,
             "model": runtime.name,
             "version": runtime.version,
             "intent": runtime.labels[prediction.intent_id],
@@ -255,7 +258,7 @@ def check_sizes(data: Any, server: ServerSettings, *, batch: bool = False) -> No
                 )
 
 
-def encode(request: web.Request, runtime: Runtime, body: PredictRequest) -> Text:
+def encode(runtime: Runtime, body: PredictRequest) -> Text:
     """The dialogue's text as the model reads it; tokenized here (timed into
     batcher_tokenize_duration_seconds) unless a worker thread does it with its batch."""
     turns = [(turn.speaker, turn.text) for turn in body.turns]
@@ -280,9 +283,7 @@ async def read_json(request: web.Request, server: ServerSettings, *, batch: bool
     limits (`check_sizes`)."""
     raw = await read_body(request, server)
     if len(raw) < LARGE_BODY_BYTES:
-        data = _parse(raw)
-        check_sizes(data, server, batch=batch)
-        return data
+        return parsed(raw, server, batch=batch)
     # A large body can hold ~80,000 tiny objects. With the collector on, young collections
     # walk them over and over while they are built, and once more after: 41,000 tiny items
     # took 40 ms to parse, 15 without. Parsed JSON holds no cycles (refcounting frees it),
@@ -318,6 +319,13 @@ async def read_body(request: web.Request, server: ServerSettings) -> bytes:
     except web_protocol.RequestPayloadError as exc:
         request.content.feed_eof()  # nothing more will be read from it: aiohttp must not try again
         raise InvalidBody(f"request body cannot be read: {snippet(' '.join(str(exc).split()), 80)}") from None
+
+
+def parsed(raw: bytes, server: ServerSettings, *, batch: bool) -> Any:
+    """A small body parsed (400 if not JSON) and its sizes checked (413)."""
+    data = _parse(raw)
+    check_sizes(data, server, batch=batch)
+    return data
 
 
 def _parse(raw: bytes) -> Any:

@@ -26,7 +26,7 @@ from batcher.errors import (
 )
 from batcher.handlers import ACCESS, METRICS, MODELS, STARTED, json_response
 from batcher.handlers import REQUEST_ID as REQUEST_ID_KEY
-from batcher.metrics import ADMIN_ROUTES, PREDICT_ROUTES, ROUTES
+from batcher.metrics import ADMIN_ROUTES, PREDICT_ROUTES, ROUTES, Metrics
 from batcher.runtime import Models
 from batcher.schemas import REQUEST_ID_PATTERN
 
@@ -57,10 +57,7 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     (bearer token, origin), turn every failure into `{"error": {"type", "message"}}` with its
     status (never a traceback), then stamp the request id and count and time the answer."""
     request[STARTED] = started = time.perf_counter()
-    incoming = request.headers.get(REQUEST_ID, "")
-    # Generated ids are random (sequential ones would tell a client the request volume);
-    # not secrets, so Python's generator, not a getrandom() system call per request.
-    request[REQUEST_ID_KEY] = request_id = incoming if _REQUEST_ID_OK.match(incoming) else f"{getrandbits(128):032x}"
+    request[REQUEST_ID_KEY] = request_id = request_id_for(request.headers.get(REQUEST_ID, ""))
     app = request.app
     route = route_label(request)
     model = model_label(request, route, app[MODELS])
@@ -73,19 +70,13 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
             if access.tokens or origin is not None:  # else there is nothing to check
                 access.check(authorization=headers.get("Authorization"), origin=origin, host=request.host)
         response = await handler(request)
-    except Unauthorized as error:
-        if model:
-            metrics.for_model(model).rejected["unauthorized"].inc()
-        response = json_response(error.body(), status=error.status, headers=error.headers)
-    except HTTPError as error:
+    except web.HTTPException as exc:
+        response = json_response(_from_aiohttp(request, exc), status=exc.status, headers=_allow(exc))
+    except Exception as exc:
+        error = answer_for(exc, metrics, model, request.method, request.path)
         response = json_response(error.body(), status=error.status, headers=error.headers)
         if error.close:
             response.force_close()
-    except web.HTTPException as exc:
-        response = json_response(_from_aiohttp(request, exc), status=exc.status, headers=_allow(exc))
-    except Exception:
-        log.exception("unhandled error on %s %s", loggable(request.method), loggable(request.path))
-        response = json_response(InternalError().body(), status=500)
     response.headers[REQUEST_ID] = request_id
     if app[MODELS].stopping:  # shutting down: clients reconnect, to another replica
         response.force_close()
@@ -93,10 +84,33 @@ async def observe(request: web.Request, handler: Handler) -> web.StreamResponse:
     if status >= 400 and route.startswith("/v2") and isinstance(response, web.Response):
         response = oip_error(response)
         status = response.status
+    count(metrics, route, status, started, model)
+    return response
+
+
+def answer_for(exc: Exception, metrics: Metrics, model: str, method: str, path: str) -> HTTPError:
+    """The error to answer for what a handler raised (called in its `except` block): its
+    own HTTPError (401s also counted as `unauthorized`), else a logged 500."""
+    if isinstance(exc, HTTPError):
+        if isinstance(exc, Unauthorized) and model:
+            metrics.for_model(model).rejected["unauthorized"].inc()
+        return exc
+    log.exception("unhandled error on %s %s", loggable(method), loggable(path))
+    return InternalError()
+
+
+def request_id_for(incoming: str) -> str:
+    """The client's `x-request-id` when it is a sane one, else a new one. Generated ids are
+    random (sequential ones would tell a client the request volume); not secrets, so
+    Python's generator, not a getrandom() system call per request."""
+    return incoming if _REQUEST_ID_OK.match(incoming) else f"{getrandbits(128):032x}"
+
+
+def count(metrics: Metrics, route: str, status: int, started: float, model: str) -> None:
+    """Count and time one answer; a refused body on a predict route is also `invalid`."""
     metrics.answered(route, status, time.perf_counter() - started, model)
     if status in _INVALID_STATUSES and model and route in _PREDICT_ROUTES:
         metrics.for_model(model).rejected["invalid"].inc()
-    return response
 
 
 def oip_error(response: web.Response) -> web.Response:
@@ -111,9 +125,7 @@ def oip_error(response: web.Response) -> web.Response:
     answer = json_response(
         {"error": message},
         status=status,
-        headers={
-            k: v for k, v in response.headers.items() if k.lower() in ("retry-after", "allow", "www-authenticate")
-        },
+        headers={k: v for k, v in response.headers.items() if k.lower() in _OIP_KEPT_HEADERS},
     )
     if not response.keep_alive:
         answer.force_close()

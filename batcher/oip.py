@@ -99,7 +99,7 @@ async def infer(request: web.Request) -> web.Response:
     runtime = request.app[MODELS].get(name)  # after the last await before admission (handlers' docstring)
     server = request.app[SETTINGS].server
     dialogues = [_dialogue(text, index, server) for index, text in enumerate(texts)]
-    predictions = await predict_rows(request, runtime, [encode(request, runtime, body) for body in dialogues])
+    predictions = await predict_rows(runtime, [encode(runtime, body) for body in dialogues])
     labels = runtime.labels
     answer: dict[str, Any] = {
         "model_name": runtime.name,

@@ -26,6 +26,7 @@ from aiohttp import web
 from batcher.application import create_app, create_metrics_app, drain, server_options
 from batcher.config import Settings
 from batcher.errors import StartupCancelled
+from batcher.fastpath import Runner
 from batcher.handlers import METRICS, MODELS
 from batcher.listener import empty_backlog, open_listener
 from batcher.metrics import Metrics
@@ -101,7 +102,7 @@ async def serve(settings: Settings, *, worker: int = 0, restarted: bool = False,
     # Handlers first: a signal during start-up then stops loading between steps and warm-up
     # runs, and the process exits 0 instead of being killed halfway.
     shutdown.install()
-    runner = web.AppRunner(
+    runner = Runner(
         app,
         handle_signals=False,
         access_log=log if server.access_log else None,

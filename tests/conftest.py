@@ -11,13 +11,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from aiohttp.test_utils import TestClient
+from aiohttp.test_utils import TestClient, TestServer
 from aiohttp.web import Application
 
 from batcher.application import create_app, server_options
 from batcher.batching import Batcher
 from batcher.bundle import load_bundle
 from batcher.config import BatchingSettings, ModelSettings, Settings, load_settings
+from batcher.fastpath import Runner
 from batcher.metrics import Metrics
 from batcher.model import OnnxModel
 from batcher.tokenization import Encoded, Text
@@ -52,9 +53,19 @@ def make_client(aiohttp_server: Any, aiohttp_client: Any, make_settings: MakeSet
         app = create_app(settings, model=model, metrics=metrics or Metrics(process=False))
         # The connection options app.py gives its runner (TestServer sets handler_cancellation itself).
         options = {key: value for key, value in server_options(settings).items() if key != "handler_cancellation"}
-        return await aiohttp_client(await aiohttp_server(app, **options))
+        server = LaneTestServer(app)
+        await server.start_server(**options)
+        return await aiohttp_client(server)
 
     return make
+
+
+class LaneTestServer(TestServer):
+    """aiohttp's TestServer with the runner app.py uses: plain POST /predict requests take
+    the fast lane (batcher.fastpath), everything else aiohttp."""
+
+    async def _make_runner(self, **kwargs: Any) -> Runner:
+        return Runner(self.app, **kwargs)
 
 
 class FakeModel:

@@ -1,0 +1,375 @@
+"""The fast lane: POST /predict on a plain keep-alive HTTP/1.1 connection, answered without
+aiohttp's request, router, middleware and response objects; anything else is handed, with
+the bytes read so far, to aiohttp on the same connection, which keeps it from then on.
+
+Why: at 64 clients, aiohttp's per-request machinery and the coroutines around the handler
+cost the event loop more than the prediction's own work (#18: 148 µs of loop CPU per
+request against 65 for a bare aiohttp server). Here a request is parsed from the bytes
+read, admitted, and answered from its future's callback: no task, no Request or Response.
+
+A request is plain when all of it is in the bytes read so far and it is exactly the line
+`POST /predict HTTP/1.1`, at most server.max_header_count headers, each named in
+PLAIN_HEADERS, once, in visible ASCII, no line over server.max_header_bytes, a
+Content-Length under the small-body limit, and `Connection: keep-alive` if any. So no
+Origin (CORS), Expect, chunking, content coding, HTTP/1.0, query string or other route: for
+those aiohttp and the middleware have the answer. Nor does the lane take a request while the
+access log is on (it would be missing from it).
+
+What the lane does with a plain request is the middleware's and the handler's work, in
+the same order with the same functions (bearer token, admission, body, model, validation,
+tokenization, batcher or cache, prediction log, rendering, errors, request id, metrics),
+so it gets the same answer in either lane: tests/test_fastpath.py sends requests through
+both and compares. Per connection it answers one request at a time (pipelined ones wait in
+its buffer, as aiohttp's do), cancels the request of a client that hangs up (handler
+cancellation), stops reading while the client does not read its answers, closes a
+connection idle for server.keepalive_timeout_s, and, once the server is shutting down,
+closes each connection after its answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import Callable
+from functools import partial
+from http import HTTPStatus
+from time import perf_counter
+from typing import Any, cast
+
+import orjson
+from aiohttp import web, web_protocol
+from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.tcp_helpers import tcp_keepalive
+
+from batcher.auth import authorize
+from batcher.batching import Prediction
+from batcher.handlers import (
+    ACCESS,
+    LARGE_BODY_BYTES,
+    METRICS,
+    MODEL_VERSION,
+    MODELS,
+    SETTINGS,
+    encode,
+    log_predictions,
+    parsed,
+    predict_rows,
+    render,
+    timing_headers,
+)
+from batcher.middleware import answer_for, count, request_id_for
+from batcher.runtime import Runtime
+from batcher.schemas import PredictRequest, validate
+
+log = logging.getLogger(__name__)
+ROUTE = "/predict"
+REQUEST_LINE = b"POST /predict HTTP/1.1"
+PLAIN_HEADERS = frozenset(
+    (
+        b"host",
+        b"content-type",
+        b"content-length",
+        b"user-agent",
+        b"accept",
+        b"accept-encoding",
+        b"connection",
+        b"x-request-id",
+        b"authorization",
+    )
+)
+_HEADER_LINES = re.compile(rb"(?:[\t -~]*\r\n)*[\t -~]*")  # visible ASCII, spaces and tabs
+BUFFER_LIMIT = 256 * 1024
+"""Bytes held for a connection whose answer is pending before it stops being read."""
+_CLOSE = "Connection: close\r\n"
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+Plain = tuple[int, bytes, str, str | None]
+"""A plain request: where it ends in the buffer, its body, its x-request-id and Authorization."""
+
+
+class Lane:
+    """What the lane reads from the app, looked up once, and its open connections."""
+
+    def __init__(self, app: web.Application, fallback: Callable[[], web_protocol.RequestHandler]) -> None:
+        settings = app[SETTINGS]
+        server = settings.server
+        self.fallback = fallback
+        self.models = app[MODELS]
+        self.metrics = app[METRICS]
+        self.tokens = app[ACCESS].tokens
+        self.server = server
+        self.log = settings.log
+        self.loop = asyncio.get_running_loop()
+        self.max_body = min(server.client_max_size_bytes, LARGE_BODY_BYTES - 1)
+        self.max_line = server.max_header_bytes
+        self.max_headers = server.max_header_count
+        self.keepalive_s = server.keepalive_timeout_s
+        self.connections: set[Connection] = set()
+        self.answered = 0
+        """Requests answered in this lane (the tests check that it is taken)."""
+        self.stopping = False
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def parse(self, buffer: bytes) -> Plain | None:
+        """The plain request at the start of `buffer`, or None (not plain, or not all here)."""
+        head_end = buffer.find(b"\r\n\r\n")
+        line_end = buffer.find(b"\r\n")
+        if head_end < 0 or buffer[:line_end] != REQUEST_LINE:
+            return None
+        block = buffer[line_end + 2 : head_end]
+        lines = block.split(b"\r\n") if block else []
+        if len(lines) > self.max_headers or not _HEADER_LINES.fullmatch(block):
+            return None
+        length, request_id, authorization = -1, "", None
+        seen: set[bytes] = set()
+        for line in lines:
+            name, colon, value = line.partition(b":")
+            name = name.lower()
+            if not colon or name not in PLAIN_HEADERS or name in seen or len(line) > self.max_line:
+                return None
+            seen.add(name)
+            value = value.strip(b" \t")
+            if name == b"content-length":
+                if not value.isdigit() or len(value) > 12:  # int() refuses over 4,300 digits
+                    return None
+                length = int(value)
+            elif name == b"x-request-id":
+                request_id = value.decode("ascii")
+            elif name == b"authorization":
+                authorization = value.decode("ascii")
+            elif name == b"connection" and value.lower() != b"keep-alive":
+                return None
+        end = head_end + 4 + length
+        if not 0 <= length <= self.max_body or len(buffer) < end:
+            return None
+        return end, buffer[head_end + 4 : end], request_id, authorization
+
+    def opened(self, connection: Connection) -> None:
+        self.connections.add(connection)
+        if self._sweeper is None and self.keepalive_s > 0:
+            self._sweeper = self.loop.call_later(self._sweep_every_s, self._sweep)
+
+    @property
+    def _sweep_every_s(self) -> float:
+        return min(1.0, self.keepalive_s / 4)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for keepalive_timeout_s (checked a few times a second)."""
+        self._sweeper = None
+        idle_since = self.loop.time() - self.keepalive_s
+        for connection in list(self.connections):
+            if connection.waiting is None and connection.idle_since <= idle_since:
+                connection.close()
+        if self.connections:
+            self._sweeper = self.loop.call_later(self._sweep_every_s, self._sweep)
+
+    def pre_shutdown(self) -> None:
+        """From now on each connection closes after its answer; idle ones close now."""
+        self.stopping = True
+        for connection in list(self.connections):
+            if connection.waiting is None:
+                connection.close()
+
+    async def shutdown(self, timeout_s: float | None) -> None:
+        """Give answers still pending up to `timeout_s`, then close every connection."""
+        pending = [c.waiting for c in self.connections if c.waiting is not None]
+        if pending and timeout_s:
+            await asyncio.wait(pending, timeout=timeout_s)
+            await asyncio.sleep(0)  # their answers are written by callbacks scheduled just now
+        for connection in list(self.connections):
+            connection.close()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+
+class Connection(asyncio.Protocol):
+    """One client connection while its requests are plain."""
+
+    __slots__ = ("buffer", "closing", "idle_since", "lane", "read_paused", "transport", "waiting", "write_paused")
+
+    def __init__(self, lane: Lane) -> None:
+        self.lane = lane
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.waiting: asyncio.Future[Any] | None = None
+        """The pending prediction (a batcher future, or the cache's task)."""
+        self.idle_since = 0.0
+        self.closing = False
+        self.write_paused = False
+        self.read_paused = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's does not subclass it
+        tcp_keepalive(transport)
+        self.idle_since = self.lane.loop.time()
+        self.lane.opened(self)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.lane.connections.discard(self)
+        self.transport = None
+        if self.waiting is not None:
+            self.waiting.cancel()  # the batcher skips it and counts it as disconnected
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        self.serve()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer = self.buffer + data if self.buffer else data
+        if self.waiting is None and not self.write_paused:
+            self.serve()
+        elif len(self.buffer) > BUFFER_LIMIT and self.transport is not None and not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closing:
+            self.closing = True
+            self.transport.close()
+
+    def serve(self) -> None:
+        """Answer the requests in the buffer, one at a time, while they are plain; hand the
+        connection to aiohttp at the first that is not."""
+        lane = self.lane
+        while self.waiting is None and not self.write_paused and not self.closing and self.transport is not None:
+            if self.read_paused and len(self.buffer) <= BUFFER_LIMIT:
+                self.read_paused = False
+                self.transport.resume_reading()
+            if not self.buffer:
+                self.idle_since = lane.loop.time()
+                return
+            plain = lane.parse(self.buffer)
+            if plain is None:
+                self.hand_over()
+                return
+            end, body, request_id, authorization = plain
+            self.buffer = self.buffer[end:]
+            self.handle(body, request_id_for(request_id), authorization)
+
+    def hand_over(self) -> None:
+        """aiohttp takes the connection, and the bytes read so far, for good."""
+        transport, buffer = self.transport, self.buffer
+        assert transport is not None
+        self.lane.connections.discard(self)
+        self.transport, self.buffer = None, b""
+        handler = self.lane.fallback()
+        transport.set_protocol(handler)
+        handler.connection_made(transport)
+        if self.read_paused:
+            transport.resume_reading()
+        if self.write_paused:
+            handler.pause_writing()
+        handler.data_received(buffer)
+
+    def handle(self, body: bytes, request_id: str, authorization: str | None) -> None:
+        """The middleware's and handlers.predict's work, up to the batcher."""
+        lane = self.lane
+        started = perf_counter()
+        models = lane.models
+        try:
+            if lane.tokens:
+                authorize(lane.tokens, authorization)
+            models.get().batcher.check_admission()  # 429 before any parsing
+            data = parsed(body, lane.server, batch=False)
+            runtime = models.get()  # no await since: see handlers' docstring
+            request = validate(PredictRequest, data)
+            row = encode(runtime, request)
+            if runtime.cache is None:
+                waiting: asyncio.Future[Any] = runtime.batcher.submit(row)
+            else:
+                waiting = asyncio.ensure_future(predict_rows(runtime, [row]))
+        except Exception as exc:
+            self.fail(exc, request_id, started)
+            return
+        self.waiting = waiting
+        waiting.add_done_callback(partial(self.finish, runtime, request, request_id, started))
+
+    def finish(
+        self, runtime: Runtime, request: PredictRequest, request_id: str, started: float, waiting: asyncio.Future[Any]
+    ) -> None:
+        self.waiting = None
+        if self.transport is None:
+            return  # the client hung up; connection_lost cancelled the request
+        try:
+            if waiting.cancelled():
+                raise RuntimeError("prediction cancelled while its client waited")
+            outcome = waiting.result()
+            prediction: Prediction = outcome[0] if isinstance(outcome, list) else outcome
+            log_predictions(self.lane.log, request_id, runtime, [request], [prediction])
+            payload = orjson.dumps(render(runtime.labels, request, prediction, started))
+        except Exception as exc:
+            self.fail(exc, request_id, started)
+        else:
+            headers = timing_headers(prediction)
+            headers[MODEL_VERSION] = runtime.version
+            self.reply(200, payload, headers, request_id, started)
+        self.serve()
+
+    def fail(self, exc: Exception, request_id: str, started: float) -> None:
+        lane = self.lane
+        error = answer_for(exc, lane.metrics, lane.models.default, "POST", ROUTE)
+        self.reply(error.status, orjson.dumps(error.body()), error.headers, request_id, started, close=error.close)
+
+    def reply(
+        self,
+        status: int,
+        payload: bytes,
+        headers: dict[str, str],
+        request_id: str,
+        started: float,
+        *,
+        close: bool = False,
+    ) -> None:
+        """Write the answer as aiohttp would (same headers), then count it as the middleware does."""
+        lane = self.lane
+        close = close or lane.stopping or lane.models.stopping
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        head = (
+            f"HTTP/1.1 {status} {_REASONS[status]}\r\n{extra}Content-Type: application/json\r\n"
+            f"x-request-id: {request_id}\r\nContent-Length: {len(payload)}\r\n"
+            f"Date: {rfc822_formatted_time()}\r\nServer: {SERVER_SOFTWARE}\r\n{_CLOSE if close else ''}\r\n"
+        )
+        assert self.transport is not None
+        self.transport.write(head.encode() + payload)
+        count(lane.metrics, ROUTE, status, started, lane.models.default)
+        lane.answered += 1
+        if close:
+            self.close()
+
+
+class LaneServer:
+    """aiohttp's web.Server, whose connections start in the lane (when it is on)."""
+
+    def __init__(self, server: web.Server, lane: Lane | None) -> None:
+        self._server = server
+        self.lane = lane
+
+    def __call__(self) -> asyncio.Protocol:
+        return Connection(self.lane) if self.lane is not None else self._server()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+    def pre_shutdown(self) -> None:
+        self._server.pre_shutdown()
+        if self.lane is not None:
+            self.lane.pre_shutdown()
+
+    async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109  # aiohttp's signature
+        await self._server.shutdown(timeout)
+        if self.lane is not None:
+            await self.lane.shutdown(timeout)
+
+
+class Runner(web.AppRunner):
+    """aiohttp's AppRunner, with plain POST /predict requests taking the fast lane."""
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        lane = None if self.app[SETTINGS].server.access_log else Lane(self.app, server)
+        return LaneServer(server, lane)  # type: ignore[return-value]  # what a site needs of a Server
