@@ -24,8 +24,14 @@ LOOP_PARTS = (
     ("batch selection (take_batch)", ("batcher/queue.py",)),
     ("batcher coroutine and futures", ("batcher/batching.py", "batcher/policy.py", "batcher/worker.py")),
     (
-        "handlers, middleware, rendering",
-        ("batcher/handlers.py", "batcher/middleware.py", "batcher/runtime.py", "batcher/dialogue.py"),
+        "handlers, middleware, fast lane, rendering",
+        (
+            "batcher/handlers.py",
+            "batcher/middleware.py",
+            "batcher/fastpath.py",
+            "batcher/runtime.py",
+            "batcher/dialogue.py",
+        ),
     ),
     ("aiohttp: parsing, request and response objects, writes", ("aiohttp/",)),
     ("uvloop and asyncio: socket I/O, polling, callbacks (C)", ("asyncio/", "uvloop/")),
