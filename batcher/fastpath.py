@@ -77,6 +77,19 @@ PLAIN_HEADERS = frozenset(
         b"connection",
         b"x-request-id",
         b"authorization",
+        # What proxies, ingresses and tracers add; neither lane reads them.
+        b"accept-language",
+        b"cache-control",
+        b"forwarded",
+        b"via",
+        b"x-forwarded-for",
+        b"x-forwarded-host",
+        b"x-forwarded-port",
+        b"x-forwarded-proto",
+        b"x-real-ip",
+        b"x-scheme",
+        b"traceparent",
+        b"tracestate",
     )
 )
 _HEADER_LINES = re.compile(rb"(?:[\t -~]*\r\n)*[\t -~]*")  # visible ASCII, spaces and tabs

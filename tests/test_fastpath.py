@@ -95,6 +95,17 @@ CASES: list[tuple[str, bytes | dict[str, Any], tuple[str, ...], int]] = [
     ("a request id replaced", ONE, ("x-request-id: not one!",), 200),
     ("unknown fields ignored", {"turns": [{"text": "hi", "mood": 1}], "more": 2}, (), 200),
     ("header names in any case, spaced values", ONE, ("connection:   Keep-Alive  ", "USER-AGENT: t"), 200),
+    (
+        "what an ingress and a tracer add",
+        ONE,
+        (
+            "X-Forwarded-For: 10.0.0.1, 10.0.0.2",
+            "X-Forwarded-Proto: https",
+            "X-Real-IP: 10.0.0.1",
+            "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        200,
+    ),
     ("not JSON", b"{x}", (), 400),
     ("an empty body", b"", (), 400),
     ("not an object", b"[1]", (), 422),
