@@ -44,24 +44,19 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.tcp_helpers import tcp_keepalive
 
 from batcher.auth import authorize
-from batcher.batching import Prediction
 from batcher.handlers import (
     ACCESS,
     LARGE_BODY_BYTES,
     METRICS,
-    MODEL_VERSION,
     MODELS,
     SETTINGS,
-    encode,
-    log_predictions,
+    finish_prediction,
     parsed,
-    predict_rows,
-    render,
-    timing_headers,
+    start_prediction,
 )
 from batcher.middleware import answer_for, count, request_id_for
 from batcher.runtime import Runtime
-from batcher.schemas import PredictRequest, validate
+from batcher.schemas import PredictRequest
 
 log = logging.getLogger(__name__)
 ROUTE = "/predict"
@@ -112,7 +107,7 @@ class Lane:
         self.metrics = app[METRICS]
         self.tokens = app[ACCESS].tokens
         self.server = server
-        self.log = settings.log
+        self.log_settings = settings.log
         self.loop = asyncio.get_running_loop()
         self.max_body = min(server.client_max_size_bytes, LARGE_BODY_BYTES - 1)
         self.max_line = server.max_header_bytes
@@ -283,19 +278,11 @@ class Connection(asyncio.Protocol):
         """The middleware's and handlers.predict's work, up to the batcher."""
         lane = self.lane
         started = perf_counter()
-        models = lane.models
         try:
             if lane.tokens:
                 authorize(lane.tokens, authorization)
-            models.get().batcher.check_admission()  # 429 before any parsing
-            data = parsed(body, lane.server, batch=False)
-            runtime = models.get()  # no await since: see handlers' docstring
-            request = validate(PredictRequest, data)
-            row = encode(runtime, request)
-            if runtime.cache is None:
-                waiting: asyncio.Future[Any] = runtime.batcher.submit(row)
-            else:
-                waiting = asyncio.ensure_future(predict_rows(runtime, [row]))
+            lane.models.get().batcher.check_admission()  # 429 before any parsing
+            runtime, request, waiting = start_prediction(lane.models, None, parsed(body, lane.server, batch=False))
         except Exception as exc:
             self.fail(exc, request_id, started)
             return
@@ -312,14 +299,11 @@ class Connection(asyncio.Protocol):
             if waiting.cancelled():
                 raise RuntimeError("prediction cancelled while its client waited")
             outcome = waiting.result()
-            prediction: Prediction = outcome[0] if isinstance(outcome, list) else outcome
-            log_predictions(self.lane.log, request_id, runtime, [request], [prediction])
-            payload = orjson.dumps(render(runtime.labels, request, prediction, started))
+            result, headers = finish_prediction(self.lane.log_settings, request_id, runtime, request, outcome, started)
+            payload = orjson.dumps(result)
         except Exception as exc:
             self.fail(exc, request_id, started)
         else:
-            headers = timing_headers(prediction)
-            headers[MODEL_VERSION] = runtime.version
             self.reply(200, payload, headers, request_id, started)
         self.serve()
 

@@ -120,16 +120,40 @@ async def predict(request: web.Request) -> web.Response:
     models, settings = app[MODELS], app[SETTINGS]
     models.get(name).batcher.check_admission()  # 429 before any parsing
     data = await read_json(request, settings.server, batch=False)
-    runtime = models.get(name)  # after the last await before admission: see the module's docstring
+    runtime, body, waiting = start_prediction(models, name, data)
+    outcome = await waiting  # cancelling this handler cancels it
+    result, headers = finish_prediction(settings.log, request[REQUEST_ID], runtime, body, outcome, request[STARTED])
+    return json_response(result, headers=headers)
+
+
+def start_prediction(
+    models: Models, name: str | None, data: Any
+) -> tuple[Runtime, PredictRequest, asyncio.Future[Any]]:
+    """A parsed /predict body admitted: its model's runtime (taken here, after the last await
+    before admission: see the module's docstring), the validated request, and its pending
+    prediction (the batcher's future; with the cache, a task giving a list of one)."""
+    runtime = models.get(name)
     body = validate(PredictRequest, data)
     row = encode(runtime, body)
     if runtime.cache is None:
-        prediction = await runtime.batcher.submit(row)  # cancelling this handler cancels the future
-    else:
-        prediction = (await predict_rows(runtime, [row]))[0]
-    log_predictions(settings.log, request[REQUEST_ID], runtime, [body], [prediction])
-    result = render(runtime.labels, body, prediction, request[STARTED])
-    return json_response(result, headers={**timing_headers(prediction), MODEL_VERSION: runtime.version})
+        return runtime, body, runtime.batcher.submit(row)
+    return runtime, body, asyncio.ensure_future(predict_rows(runtime, [row]))
+
+
+def finish_prediction(
+    settings: LogSettings,
+    request_id: str,
+    runtime: Runtime,
+    body: PredictRequest,
+    outcome: Prediction | list[Prediction],
+    started: float,
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """What /predict answers for a prediction (`start_prediction`'s outcome): the body and
+    its headers; the answer goes to the prediction log."""
+    prediction = outcome[0] if isinstance(outcome, list) else outcome
+    log_predictions(settings, request_id, runtime, [body], [prediction])
+    headers = {**timing_headers(prediction), MODEL_VERSION: runtime.version}
+    return render(runtime.labels, body, prediction, started), headers
 
 
 async def predict_batch(request: web.Request) -> web.Response:
