@@ -358,9 +358,10 @@ class LaneServer:
             self.lane.pre_shutdown()
 
     async def shutdown(self, timeout: float | None = None) -> None:  # noqa: ASYNC109  # aiohttp's signature
-        await self._server.shutdown(timeout)
-        if self.lane is not None:
-            await self.lane.shutdown(timeout)
+        """aiohttp's connections and the lane's wait for their answers at the same time, so
+        the two waits do not add up to twice `timeout`."""
+        lanes = [self.lane.shutdown(timeout)] if self.lane is not None else []
+        await asyncio.gather(self._server.shutdown(timeout), *lanes)
 
 
 class Runner(web.AppRunner):
