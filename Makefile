@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 
-.PHONY: help run test lint typecheck pytest dataset train evaluate bench bench-peers-setup loadtest reliability soak fuzz fleet scaling image image-test clean
+.PHONY: help run test lint typecheck pytest dataset train evaluate bench bench-peers-setup loadtest reliability soak fuzz fleet scaling image image-test byom wheel clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | expand -t 20
@@ -84,6 +84,19 @@ fleet: $(VENV)/.dev  ## 3 replicas behind HAProxy: rolling restart and kill -9 u
 scaling: $(VENV)/.dev  ## SCALING.md: workers 1 vs 2, the per-process overhead ceiling, the fleet, capacity table (~6 min)
 	$(PY) -m bench.scaling $(ARGS)
 
+# Bring your own model: tiny random transformers classifiers exported to ONNX, served, and
+# checked against transformers' pipeline, in their own pinned environment (~1 GB, torch CPU).
+.venv-byom/.installed: requirements-byom.txt requirements.txt
+	$(PYTHON) -m venv .venv-byom
+	.venv-byom/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-byom.txt
+	touch $@
+
+byom: .venv-byom/.installed  ## BERT, DistilBERT, ALBERT, RoBERTa, XLM-R... exported, served, checked against pipeline (ARGS="--only bert")
+	.venv-byom/bin/python -m bench.byom $(ARGS)
+
+wheel: $(VENV)/.dev  ## build dist/batcher-VERSION-py3-none-any.whl, the bundled model inside (~29 MB)
+	$(PY) -m pip wheel --quiet --disable-pip-version-check --no-deps --no-build-isolation --wheel-dir dist .
+
 image: $(VENV)/.runtime  ## build the container image with podman (local Debian base and wheels when no registry is reachable)
 	deploy/image/build.sh
 
@@ -91,4 +104,4 @@ image-test: image  ## build, run, probe and stop the image; checks it drained an
 	$(PY) -m bench.image_test
 
 clean:  ## remove the virtual environment and caches
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis dist

@@ -40,17 +40,15 @@ from batcher.errors import (
     ValidationFailed,
 )
 from batcher.metrics import ModelMetrics
+from batcher.model.tokenization import UNREADABLE, Text
 from batcher.policy import NOW, QueueState, WaitPolicy
 from batcher.queue import BatchLimits, Pending, RequestQueue
-from batcher.tokenization import UNREADABLE, Text
-from batcher.worker import RunResult, Worker
+from batcher.worker import Model, RunResult, Worker
 
 log = logging.getLogger(__name__)
 PROBE_DELAY_S = 0.5
 """After a failed run, the first probe of the model; each failed probe doubles the delay."""
 PROBE_MAX_DELAY_S = 30.0
-PROBE_TEXT = "用户：你好"
-"""What a probe run reads: a short dialogue text any Chinese vocabulary tokenizes."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,6 +56,7 @@ class Prediction:
     """One request's share of a model run."""
 
     probabilities: np.ndarray
+    """The model's output function applied to its logits."""
     intent_id: int
     confidence: float
     inference_ms: float
@@ -65,13 +64,20 @@ class Prediction:
     batch_size: int
     cached: bool = False
     """Answered from the response cache: no queue, no model run (times and batch size 0)."""
+    logits: np.ndarray | None = None
+    """What the graph gave for the row (for a request's own output function)."""
 
 
 class Batcher:
     """Owns the queue and the batch loop; hands batches to a `Worker`."""
 
-    def __init__(self, worker: Worker, *, settings: BatchingSettings, metrics: ModelMetrics) -> None:
+    def __init__(
+        self, worker: Worker, *, settings: BatchingSettings, metrics: ModelMetrics, probe: Text | None = None
+    ) -> None:
+        """`probe`: what a readiness probe runs after a failed run (a short input in the
+        model's own format)."""
         self._worker = worker
+        self._probe_row = probe
         self._metrics = metrics
         self._limits = BatchLimits(settings.max_batch_size, settings.max_batch_tokens)
         self._queue = RequestQueue(settings.max_queue_size)
@@ -91,6 +97,11 @@ class Batcher:
         self.last_run_failed = False
         metrics.queue_capacity.set(settings.max_queue_size)
         metrics.model_instances.set(worker.instances)
+
+    @property
+    def model(self) -> Model:
+        """The model its worker runs (an OnnxModel, or a test's stand-in)."""
+        return self._worker.model
 
     @property
     def alive(self) -> bool:
@@ -302,7 +313,14 @@ class Batcher:
             probabilities = run.probabilities[position]
             entry.future.set_result(
                 Prediction(
-                    probabilities, intent, float(probabilities[intent]), inference_ms, queue_s * 1000, len(run.rows)
+                    probabilities,
+                    intent,
+                    float(probabilities[intent]),
+                    inference_ms,
+                    queue_s * 1000,
+                    len(run.rows),
+                    False,
+                    run.logits[position],
                 )
             )
 
@@ -319,7 +337,7 @@ class Batcher:
             self._probing = False
             return
         loop = asyncio.get_running_loop()
-        row = Text(PROBE_TEXT, len(PROBE_TEXT) + 2)
+        row = self._probe_row or Text("hello", 7)  # untokenized: the worker tokenizes it
         self._worker.run([Pending(row, loop.time(), math.inf, loop.create_future(), time.perf_counter())], self._probed)
 
     def _probed(self, batch: list[Pending], outcome: RunResult | BaseException) -> None:

@@ -11,6 +11,7 @@ import dataclasses
 import os
 import re
 import tomllib
+import types
 import typing
 import warnings
 from collections.abc import Iterable, Mapping
@@ -39,7 +40,7 @@ class ServerSettings:
     model threads, under a parent that restarts one that dies. One event loop costs
     ~190-290 µs of CPU per request here, which caps one process near 4,000 req/s: past
     that (a GPU, many cores), add workers. Size workers x instances x
-    `model.intra_op_threads` to the cores (README "Sizing"); 1 fits 2 cores."""
+    `model.intra_op_threads` to the cores (docs/deploy.md, "Sizing"); 1 fits 2 cores."""
     backlog: int = 2048
     """Pending TCP connections the kernel queues for accept (capped by net.core.somaxconn).
     A short backlog drops connection attempts in bursts, which clients see as 1 s stalls."""
@@ -132,20 +133,87 @@ class ServerSettings:
         return tuple(dict.fromkeys(item.strip() for item in self.cors_allow_origins.split(",") if item.strip()))
 
 
+InputKind = Literal["text", "pair", "dialogue"]
+TurnsKept = Literal["all", "last_user"]
+Side = Literal["right", "left"]
+OutputFunction = Literal["auto", "softmax", "sigmoid", "none"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class InputSettings:
+    """How a request becomes the text the model reads (`[model.input]`). Every key left
+    unset takes the bundle's declaration (`batcher.json` in the bundle), else what Hugging
+    Face's text-classification pipeline does: the text as given, a pair through the
+    tokenizer's own pair template, cut at the right."""
+
+    format: InputKind | None = None
+    """`text` (one text; a pair when a request sends one), `pair` (the model reads pairs:
+    a lone text is refused with 422), or `dialogue` (turns rendered by the template below)."""
+    turns: TurnsKept | None = None
+    """Dialogue: `all` turns, oldest first, or only the `last_user` turn. A `text` model
+    reads the last user turn of a `turns` request."""
+    user_marker: str | None = None
+    """Dialogue: text put before each user turn (default none)."""
+    other_marker: str | None = None
+    """Dialogue: text put before every other speaker's turn (default none)."""
+    separator: str | None = None
+    """Dialogue: text between turns; default the tokenizer's own separator token."""
+    truncation_side: Side | None = None
+    """Which end is cut when the input is too long: `right` (the pipeline's; default for
+    text and pairs) or `left` (keeps the end; default for dialogues)."""
+    clean: bool | None = None
+    """Dialogue: drop invisible characters, fold whitespace and neutralise user text that
+    spells a marker or `[SEP]` (default: on for dialogues)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OutputSettings:
+    """How the graph's scores become an answer (`[model.output]`); unset keys take the
+    bundle's declaration, else the defaults."""
+
+    function: OutputFunction | None = None
+    """`auto` (default): transformers' rule (sigmoid for problem_type =
+    multi_label_classification or one label, none for regression or a graph that ends in
+    Softmax/Sigmoid, softmax otherwise); or `softmax`, `sigmoid`, `none`."""
+    name: str | None = None
+    """The output tensor to read; default `logits`, else the graph's only 2-D float output."""
+    threshold: float | None = None
+    """Multi-label models: labels at or above this probability are listed (default 0.5)."""
+    abstain_threshold: float | None = None
+    """Single-label models: below this confidence the answer is `abstain_label` with the
+    best guess still reported (default 0: never abstain)."""
+    abstain_label: str | None = None
+    """The label of an abstained answer (default `none`)."""
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None:
+            _check_range("model.output.threshold", self.threshold, 0.0, 1.0)
+        if self.abstain_threshold is not None:
+            _check_range("model.output.abstain_threshold", self.abstain_threshold, 0.0, 1.0)
+
+
+SUBSECTIONS: dict[str, type[Any]] = {"input": InputSettings, "output": OutputSettings}
+"""The tables inside [model] (and [models.NAME])."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSettings:
     path: str = "models/intent-zh"
-    """Model bundle directory: model.onnx, tokenizer.json or vocab.txt, labels.json or config.json.
-    A relative path is resolved against the directory of the config file."""
+    """Model bundle directory: model.onnx, tokenizer.json or vocab.txt, labels.json or config.json
+    (what `save_pretrained` and an ONNX export write). A relative path is resolved against
+    the directory of the config file."""
     file: str = "auto"
     """Graph file inside the bundle. "auto": the quantized `model.int8.onnx` on the CPU when the
     bundle has it (same accuracy, ~1.4x the sequences/s here), `model.fp16.onnx` or else
     `model.onnx` on CUDA (dynamic int8 runs on the CPU only). A name serves that file."""
-    name: str = "intent-zh"
+    name: str = ""
     """The model's name: in its routes (`/models/{name}/predict`), `GET /models`, the
-    `model` label of every metric, and the Open Inference Protocol's routes."""
-    max_seq_len: int = 128
-    """Longest token sequence fed to the model; longer dialogues keep their end."""
+    `model` label of every metric, and the Open Inference Protocol's routes. Empty: the
+    bundle directory's name."""
+    max_seq_len: int = 0
+    """Longest token sequence fed to the model. 0: the bundle's own (batcher.json's
+    max_length, else tokenizer_config.json's model_max_length, else the position table
+    of config.json), capped by the position table."""
     device: Device = "auto"
     """`auto` uses CUDA only when a session really runs on it, else CPU."""
     intra_op_threads: int = 1
@@ -160,11 +228,16 @@ class ModelSettings:
     cores with the event loop, and spinning starves it (measured in BENCHMARKS.md)."""
     warmup_runs: int = 2
     """Warm-up passes over several batch sizes and lengths before /readyz turns 200."""
+    input: InputSettings = dataclasses.field(default_factory=InputSettings)
+    """`[model.input]`: the input format (see InputSettings)."""
+    output: OutputSettings = dataclasses.field(default_factory=OutputSettings)
+    """`[model.output]`: the output function and answers (see OutputSettings)."""
 
     def __post_init__(self) -> None:
-        if not _MODEL_NAME.fullmatch(self.name):
+        if self.name and not _MODEL_NAME.fullmatch(self.name):
             raise ConfigError(f"model.name = {self.name!r}: letters, digits, '_' and '-' only, at most 64")
-        _check_range("model.max_seq_len", self.max_seq_len, 8, 8192)
+        if self.max_seq_len:
+            _check_range("model.max_seq_len", self.max_seq_len, 8, 65536)
         _check_range("model.intra_op_threads", self.intra_op_threads, 0, 256)
         _check_range("model.inter_op_threads", self.inter_op_threads, 0, 256)
         _check_range("model.warmup_runs", self.warmup_runs, 0, 100)
@@ -291,7 +364,12 @@ class Settings:
         flat: dict[str, str] = {}
         for section, values in (("server", self.server), ("model", spec.model), ("batching", spec.batching)):
             for field in dataclasses.fields(values):
-                flat[f"{section}.{field.name}"] = str(getattr(values, field.name))
+                value = getattr(values, field.name)
+                if dataclasses.is_dataclass(value):
+                    for inner in dataclasses.fields(value):
+                        flat[f"{section}.{field.name}.{inner.name}"] = str(getattr(value, inner.name))
+                else:
+                    flat[f"{section}.{field.name}"] = str(value)
         return flat
 
 
@@ -337,11 +415,19 @@ def load_settings(
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. batching.max_wait_s=0.002")
         _merge(raw, _nested(parts, _parse_scalar(value.strip())), source=f"--set {item}")
     sections = {name: _build_section(name, raw[name]) for name in _SECTIONS}
+    if not sections["model"].name:  # named after its bundle
+        sections["model"] = dataclasses.replace(sections["model"], name=bundle_name(sections["model"].path))
     models = tuple(_build_model(name, table, sections, base_dir) for name, table in raw[MODELS].items())
     names = [sections["model"].name, *(spec.name for spec in models)]
     if len(set(names)) != len(names):
         raise ConfigError(f"model names must be unique; got {', '.join(names)}")
     return Settings(base_dir=base_dir, models=models, **sections)
+
+
+def bundle_name(path: str) -> str:
+    """A model name from a bundle directory's name: characters a name cannot hold become '-'."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", Path(path).resolve().name).strip("-_")[:64]
+    return name if name else "model"
 
 
 def _nested(path: list[str], value: Any) -> dict[str, Any]:
@@ -354,8 +440,13 @@ def _nested(path: list[str], value: Any) -> dict[str, Any]:
 
 def _build_model(name: str, table: Mapping[str, Any], sections: Mapping[str, Any], base_dir: Path) -> ModelSpec:
     """One [models.NAME] table: the default model's settings, overridden by the table."""
-    values = {key: value for key, value in table.items() if key != "batching"}
-    model = _build_section("model", {**dataclasses.asdict(sections["model"]), **values, "name": name})
+    values: dict[str, Any] = dataclasses.asdict(sections["model"])
+    for key, value in table.items():
+        if key in SUBSECTIONS:
+            values[key] = {**values[key], **value}
+        elif key != "batching":
+            values[key] = value
+    model = _build_section("model", {**values, "name": name})
     batching = _build_section("batching", {**dataclasses.asdict(sections["batching"]), **table.get("batching", {})})
     path = Path(model.path)
     return ModelSpec(name, model, batching, path if path.is_absolute() else base_dir / path)
@@ -393,6 +484,19 @@ def _merge_table(target: dict[str, Any], section: str, table: Mapping[str, Any],
         if key not in known:
             allowed = ", ".join(sorted(known))
             raise ConfigError(f"{source}: unknown key {section}.{key}; allowed: {allowed}")
+        if section == "model" and key in SUBSECTIONS:
+            _merge_subsection(target.setdefault(key, {}), f"{section}.{key}", SUBSECTIONS[key], value, source=source)
+        else:
+            target[key] = value
+
+
+def _merge_subsection(target: dict[str, Any], where: str, cls: type[Any], table: Any, *, source: str) -> None:
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"{source}: [{where}] must be a table")
+    known = {field.name for field in dataclasses.fields(cls)}
+    for key, value in table.items():
+        if key not in known:
+            raise ConfigError(f"{source}: unknown key {where}.{key}; allowed: {', '.join(sorted(known))}")
         target[key] = value
 
 
@@ -432,14 +536,26 @@ def _parse_scalar(text: str) -> Any:
         return text
 
 
-def _build_section(name: str, values: Mapping[str, Any]) -> Any:
-    cls = _SECTIONS[name]
+def _build_section(name: str, values: Mapping[str, Any], cls: type[Any] | None = None) -> Any:
+    cls = cls or _SECTIONS[name]
     hints = typing.get_type_hints(cls)
-    checked = {key: _check_type(f"{name}.{key}", value, hints[key]) for key, value in values.items()}
+    checked = {}
+    for key, value in values.items():
+        inner = SUBSECTIONS.get(key) if name == "model" else None
+        if inner is not None and isinstance(value, Mapping):
+            checked[key] = _build_section(f"{name}.{key}", value, inner)
+        elif inner is not None and dataclasses.is_dataclass(value):
+            checked[key] = value
+        else:
+            checked[key] = _check_type(f"{name}.{key}", value, hints[key])
     return cls(**checked)
 
 
 def _check_type(key: str, value: Any, expected: Any) -> Any:
+    if get_origin(expected) in (typing.Union, types.UnionType):  # X | None: None is "unset"
+        if value is None:
+            return None
+        (expected,) = [arg for arg in get_args(expected) if arg is not type(None)]
     if get_origin(expected) is Literal:
         allowed = get_args(expected)
         if value not in allowed:

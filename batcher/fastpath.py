@@ -9,21 +9,24 @@ read, admitted, and answered from its future's callback: no task, no Request or 
 
 A request is plain when all of it is in the bytes read so far and it is exactly the line
 `POST /predict HTTP/1.1`, at most server.max_header_count headers, each named in
-PLAIN_HEADERS, once, in visible ASCII, no line over server.max_header_bytes, a
-Content-Length under the small-body limit, and `Connection: keep-alive` if any. So no
-Origin (CORS), Expect, chunking, content coding, HTTP/1.0, query string or other route: for
-those aiohttp and the middleware have the answer. Nor does the lane take a request while the
-access log is on (it would be missing from it).
+PLAIN_HEADERS, once, in visible ASCII, no line over server.max_header_bytes, a Host (HTTP/1.1
+requires one: aiohttp answers 400 without it), a Content-Length under the small-body limit,
+and `Connection: keep-alive` if any. So no Origin (CORS), Expect, chunking, content coding,
+HTTP/1.0, query string or other route: for those aiohttp and the middleware have the answer.
+Nor does the lane take a request while the access log is on (it would be missing from it).
 
 What the lane does with a plain request is the middleware's and the handler's work, in
 the same order with the same functions (bearer token, admission, body, model, validation,
 tokenization, batcher or cache, prediction log, rendering, errors, request id, metrics),
 so it gets the same answer in either lane: tests/test_fastpath.py sends requests through
 both and compares. Per connection it answers one request at a time (pipelined ones wait in
-its buffer, as aiohttp's do), cancels the request of a client that hangs up (handler
-cancellation), stops reading while the client does not read its answers, closes a
-connection idle for server.keepalive_timeout_s, and, once the server is shutting down,
-closes each connection after its answer.
+its buffer, as aiohttp's do), takes at most ANSWERS_PER_CALLBACK of them in one callback
+(a pipelined burst of failing requests, each answered at once, then yields the loop to the
+other connections between rounds), stops reading while it holds over BUFFER_LIMIT unread
+bytes (a client that sends faster than it is answered, or does not read its answers),
+cancels the request of a client that hangs up (handler cancellation), closes a connection
+idle for server.keepalive_timeout_s, and, once the server is shutting down, closes each
+connection after its answer.
 """
 
 from __future__ import annotations
@@ -50,17 +53,18 @@ from batcher.handlers import (
     METRICS,
     MODELS,
     SETTINGS,
+    Query,
     finish_prediction,
     parsed,
     start_prediction,
 )
 from batcher.middleware import answer_for, count, request_id_for
 from batcher.runtime import Runtime
-from batcher.schemas import PredictRequest
 
 log = logging.getLogger(__name__)
 ROUTE = "/predict"
 REQUEST_LINE = b"POST /predict HTTP/1.1"
+_REQUEST_LINE_END = REQUEST_LINE + b"\r\n"
 PLAIN_HEADERS = frozenset(
     (
         b"host",
@@ -89,7 +93,12 @@ PLAIN_HEADERS = frozenset(
 )
 _HEADER_LINES = re.compile(rb"(?:[\t -~]*\r\n)*[\t -~]*")  # visible ASCII, spaces and tabs
 BUFFER_LIMIT = 256 * 1024
-"""Bytes held for a connection whose answer is pending before it stops being read."""
+"""Unread bytes held for a connection before it stops being read (it may then hold one read
+more: asyncio and uvloop read up to 256 KiB at a time)."""
+ANSWERS_PER_CALLBACK = 64
+"""Requests one callback takes from a connection's buffer. Answered at once (400, 401, 413,
+422, 429), 64 cost the loop a few milliseconds; the rest of a pipelined burst waits for the
+next round (call_soon), after what the other connections have to do."""
 _CLOSE = "Connection: close\r\n"
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 Plain = tuple[int, bytes, str, str | None]
@@ -116,16 +125,20 @@ class Lane:
         self.connections: set[Connection] = set()
         self.answered = 0
         """Requests answered in this lane (the tests check that it is taken)."""
+        self.most_per_callback = 0
+        """The most requests one callback took from a connection's buffer (the tests check the
+        budget: answers written in one callback are at most these)."""
+        self.most_buffered = 0
+        """The most unread bytes one connection held once over BUFFER_LIMIT (0: none was)."""
         self.stopping = False
         self._sweeper: asyncio.TimerHandle | None = None
 
-    def parse(self, buffer: bytes) -> Plain | None:
-        """The plain request at the start of `buffer`, or None (not plain, or not all here)."""
-        head_end = buffer.find(b"\r\n\r\n")
-        line_end = buffer.find(b"\r\n")
-        if head_end < 0 or buffer[:line_end] != REQUEST_LINE:
+    def parse(self, buffer: bytes | bytearray, start: int = 0) -> Plain | None:
+        """The plain request at `start` in `buffer`, or None (not plain, or not all here)."""
+        head_end = buffer.find(b"\r\n\r\n", start)
+        if head_end < 0 or not buffer.startswith(_REQUEST_LINE_END, start):
             return None
-        block = buffer[line_end + 2 : head_end]
+        block = bytes(buffer[start + len(_REQUEST_LINE_END) : head_end])
         lines = block.split(b"\r\n") if block else []
         if len(lines) > self.max_headers or not _HEADER_LINES.fullmatch(block):
             return None
@@ -149,9 +162,9 @@ class Lane:
             elif name == b"connection" and value.lower() != b"keep-alive":
                 return None
         end = head_end + 4 + length
-        if not 0 <= length <= self.max_body or len(buffer) < end:
+        if not 0 <= length <= self.max_body or len(buffer) < end or b"host" not in seen:
             return None
-        return end, buffer[head_end + 4 : end], request_id, authorization
+        return end, bytes(buffer[head_end + 4 : end]), request_id, authorization
 
     def opened(self, connection: Connection) -> None:
         self.connections.add(connection)
@@ -167,7 +180,7 @@ class Lane:
         self._sweeper = None
         idle_since = self.loop.time() - self.keepalive_s
         for connection in list(self.connections):
-            if connection.waiting is None and connection.idle_since <= idle_since:
+            if connection.idle and connection.idle_since <= idle_since:
                 connection.close()
         if self.connections:
             self._sweeper = self.loop.call_later(self._sweep_every_s, self._sweep)
@@ -176,7 +189,7 @@ class Lane:
         """From now on each connection closes after its answer; idle ones close now."""
         self.stopping = True
         for connection in list(self.connections):
-            if connection.waiting is None:
+            if connection.idle:
                 connection.close()
 
     async def shutdown(self, timeout_s: float | None) -> None:
@@ -195,14 +208,30 @@ class Lane:
 class Connection(asyncio.Protocol):
     """One client connection while its requests are plain."""
 
-    __slots__ = ("buffer", "closing", "idle_since", "lane", "read_paused", "transport", "waiting", "write_paused")
+    __slots__ = (
+        "buffer",
+        "closing",
+        "idle_since",
+        "lane",
+        "offset",
+        "read_paused",
+        "resuming",
+        "transport",
+        "waiting",
+        "write_paused",
+    )
 
     def __init__(self, lane: Lane) -> None:
         self.lane = lane
         self.transport: asyncio.Transport | None = None
-        self.buffer = b""
+        self.buffer = bytearray()
+        self.offset = 0
+        """Where the first request not yet taken starts in `buffer`: taking a request moves it,
+        copying nothing; what was taken is dropped once per read."""
         self.waiting: asyncio.Future[Any] | None = None
         """The pending prediction (a batcher future, or the cache's task)."""
+        self.resuming: asyncio.Handle | None = None
+        """The next round of a buffer that had more requests than one callback takes."""
         self.idle_since = 0.0
         self.closing = False
         self.write_paused = False
@@ -228,43 +257,68 @@ class Connection(asyncio.Protocol):
         self.serve()
 
     def data_received(self, data: bytes) -> None:
-        self.buffer = self.buffer + data if self.buffer else data
-        if self.waiting is None and not self.write_paused:
+        buffer = self.buffer
+        if self.offset:
+            del buffer[: self.offset]  # what was taken since the last read (CPython: no copy)
+            self.offset = 0
+        buffer += data
+        if len(buffer) > BUFFER_LIMIT:
+            self.lane.most_buffered = max(self.lane.most_buffered, len(buffer))
+        if self.waiting is None and not self.write_paused and self.resuming is None:
             self.serve()
-        elif len(self.buffer) > BUFFER_LIMIT and self.transport is not None and not self.read_paused:
+        if len(self.buffer) - self.offset > BUFFER_LIMIT and self.transport is not None and not self.read_paused:
             self.read_paused = True
-            self.transport.pause_reading()
+            self.transport.pause_reading()  # until serve() has taken it back under the limit
+
+    @property
+    def idle(self) -> bool:
+        """Nothing pending: no answer being computed, no round of the buffer to come."""
+        return self.waiting is None and self.resuming is None
 
     def close(self) -> None:
         if self.transport is not None and not self.closing:
             self.closing = True
             self.transport.close()
 
-    def serve(self) -> None:
-        """Answer the requests in the buffer, one at a time, while they are plain; hand the
-        connection to aiohttp at the first that is not."""
-        lane = self.lane
+    def serve(self, taken: int = 0) -> None:
+        """Answer the requests in the buffer, one at a time, while they are plain, and hand
+        the connection to aiohttp at the first that is not; after ANSWERS_PER_CALLBACK in
+        this callback (`taken` already were), go on in the next round."""
+        lane, buffer = self.lane, self.buffer
         while self.waiting is None and not self.write_paused and not self.closing and self.transport is not None:
-            if self.read_paused and len(self.buffer) <= BUFFER_LIMIT:
-                self.read_paused = False
-                self.transport.resume_reading()
-            if not self.buffer:
+            if self.offset == len(buffer):
+                buffer.clear()
+                self.offset = 0
                 self.idle_since = lane.loop.time()
-                return
-            plain = lane.parse(self.buffer)
+                break
+            if taken == ANSWERS_PER_CALLBACK:
+                if self.resuming is None:
+                    self.resuming = lane.loop.call_soon(self.resume)
+                break
+            plain = lane.parse(buffer, self.offset)
             if plain is None:
                 self.hand_over()
                 return
             end, body, request_id, authorization = plain
-            self.buffer = self.buffer[end:]
+            self.offset = end
+            taken += 1
             self.handle(body, request_id_for(request_id), authorization)
+        if self.read_paused and self.transport is not None and len(buffer) - self.offset <= BUFFER_LIMIT:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if taken > lane.most_per_callback:
+            lane.most_per_callback = taken
+
+    def resume(self) -> None:
+        self.resuming = None
+        self.serve()
 
     def hand_over(self) -> None:
         """aiohttp takes the connection, and the bytes read so far, for good."""
-        transport, buffer = self.transport, self.buffer
+        transport, buffer = self.transport, bytes(self.buffer[self.offset :])
         assert transport is not None
         self.lane.connections.discard(self)
-        self.transport, self.buffer = None, b""
+        self.transport, self.buffer, self.offset = None, bytearray(), 0
         handler = self.lane.fallback()
         transport.set_protocol(handler)
         handler.connection_made(transport)
@@ -290,7 +344,7 @@ class Connection(asyncio.Protocol):
         waiting.add_done_callback(partial(self.finish, runtime, request, request_id, started))
 
     def finish(
-        self, runtime: Runtime, request: PredictRequest, request_id: str, started: float, waiting: asyncio.Future[Any]
+        self, runtime: Runtime, request: Query, request_id: str, started: float, waiting: asyncio.Future[Any]
     ) -> None:
         self.waiting = None
         if self.transport is None:
@@ -305,7 +359,7 @@ class Connection(asyncio.Protocol):
             self.fail(exc, request_id, started)
         else:
             self.reply(200, payload, headers, request_id, started)
-        self.serve()
+        self.serve(taken=1)
 
     def fail(self, exc: Exception, request_id: str, started: float) -> None:
         lane = self.lane

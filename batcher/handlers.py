@@ -3,10 +3,15 @@
 A prediction walks down once: the queue's room (429, before any parsing), the body
 (400/413/422), the model's runtime (404/503; taken after the body is read, with no await
 until its batcher has the rows, so a reload in between hands over the new version and
-never a closing one), the tokenizer, the cache, the batcher, the response.
+never a closing one), the model's reader (its input format and tokenizer), the cache,
+the batcher, the response in the request's shape.
 Handlers never block: the only per-request work on the loop is JSON parsing, validation,
-building the dialogue's text and (batching.tokenize_on) tokenizing it (~5 µs);
+building the model's text and (batching.tokenize_on) tokenizing it (~5 µs);
 everything batch-sized runs on a worker thread.
+
+/predict takes three shapes: the seed's `{"turns": [...]}`, `{"text": ..., "text_pair": ...}`
+(both answered with the seed's fields), and the text-embeddings-inference / Hugging Face
+`{"inputs": ...}` (answered with every label and its score).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import Any
 import orjson
 from aiohttp import web, web_protocol
 
+from batcher import __version__
 from batcher.auth import Access
 from batcher.batching import Prediction
 from batcher.config import LogSettings, ServerSettings, Settings
@@ -36,12 +42,18 @@ from batcher.errors import (
     ReloadFailed,
     RequestTimeout,
     Unhealthy,
+    ValidationFailed,
     snippet,
 )
 from batcher.metrics import CONTENT_TYPE, Metrics
+from batcher.model.heads import Function
+from batcher.model.tokenization import Text
 from batcher.runtime import Models, Runtime
-from batcher.schemas import BatchPredictRequest, PredictRequest, validate
-from batcher.tokenization import Text
+from batcher.schemas import InputsRequest, PredictRequest, TextRequest, validate
+
+Query = PredictRequest | TextRequest | InputsRequest
+"""A validated prediction request, in one of its shapes."""
+Item = PredictRequest | TextRequest
 
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
@@ -69,6 +81,7 @@ async def index(request: web.Request) -> web.Response:
         {
             "status": "ok",
             "service": SERVICE_TITLE,
+            "version": __version__,
             "model_loaded": runtime is not None,
             "model": runtime.name if runtime else "",
             "provider": runtime.provider if runtime else "none",
@@ -126,45 +139,71 @@ async def predict(request: web.Request) -> web.Response:
     return json_response(result, headers=headers)
 
 
-def start_prediction(
-    models: Models, name: str | None, data: Any
-) -> tuple[Runtime, PredictRequest, asyncio.Future[Any]]:
+def start_prediction(models: Models, name: str | None, data: Any) -> tuple[Runtime, Query, asyncio.Future[Any]]:
     """A parsed /predict body admitted: its model's runtime (taken here, after the last await
     before admission: see the module's docstring), the validated request, and its pending
-    prediction (the batcher's future; with the cache, a task giving a list of one)."""
+    prediction (the batcher's future; with the cache or several inputs, a task giving a
+    list)."""
     runtime = models.get(name)
-    body = validate(PredictRequest, data)
-    row = encode(runtime, body)
-    if runtime.cache is None:
-        return runtime, body, runtime.batcher.submit(row)
-    return runtime, body, asyncio.ensure_future(predict_rows(runtime, [row]))
+    body = query(data)
+    rows = encode(runtime, body)
+    if runtime.cache is None and len(rows) == 1:
+        return runtime, body, runtime.batcher.submit(rows[0])
+    return runtime, body, asyncio.ensure_future(predict_rows(runtime, rows))
+
+
+def query(data: Any) -> Query:
+    """The request's shape, told by its keys, validated: `inputs`, `text`, else `turns`."""
+    if isinstance(data, dict):
+        if "inputs" in data:
+            return validate(InputsRequest, data)
+        if "text" in data:
+            if "turns" in data:
+                raise ValidationFailed("body: send turns or text, not both")
+            return validate(TextRequest, data)
+    return validate(PredictRequest, data)
+
+
+def item(data: Any, where: str = "") -> Item:
+    """One /predict/batch item (`where` prefixes its errors): a dialogue or a text (or pair)."""
+    try:
+        if isinstance(data, dict) and "text" in data and "turns" not in data:
+            return validate(TextRequest, data)
+        return validate(PredictRequest, data)
+    except ValidationFailed as error:
+        raise ValidationFailed(f"{where}{error.message}") from None
 
 
 def finish_prediction(
     settings: LogSettings,
     request_id: str,
     runtime: Runtime,
-    body: PredictRequest,
+    body: Query,
     outcome: Prediction | list[Prediction],
     started: float,
-) -> tuple[dict[str, Any], dict[str, str]]:
+) -> tuple[Any, dict[str, str]]:
     """What /predict answers for a prediction (`start_prediction`'s outcome): the body and
     its headers; the answer goes to the prediction log."""
-    prediction = outcome[0] if isinstance(outcome, list) else outcome
-    log_predictions(settings, request_id, runtime, [body], [prediction])
+    predictions = outcome if isinstance(outcome, list) else [outcome]
+    prediction = predictions[0]
+    log_predictions(settings, request_id, runtime, [body], predictions)
     headers = {**timing_headers(prediction), MODEL_VERSION: runtime.version}
-    return render(runtime.labels, body, prediction, started), headers
+    if isinstance(body, InputsRequest):
+        return render_scores(runtime, body, predictions), headers
+    return render(runtime, body, prediction, started), headers
 
 
 async def predict_batch(request: web.Request) -> web.Response:
     """POST /predict/batch (the default model) and /models/{name}/predict/batch."""
     data = await read_json(request, request.app[SETTINGS].server, batch=True)
     runtime = request.app[MODELS].get(request.match_info.get("name"))
-    body = validate(BatchPredictRequest, data)
-    predictions = await predict_rows(runtime, [encode(runtime, item) for item in body.items])
-    log_predictions(request.app[SETTINGS].log, request[REQUEST_ID], runtime, body.items, predictions)
+    if not isinstance(data, dict) or not isinstance(data.get("items"), list) or not data["items"]:
+        raise ValidationFailed("items: expected a non-empty list of dialogues or texts")
+    items = [item(entry, f"items.{index}.") for index, entry in enumerate(data["items"])]
+    predictions = await predict_rows(runtime, [row for entry in items for row in encode(runtime, entry)])
+    log_predictions(request.app[SETTINGS].log, request[REQUEST_ID], runtime, items, predictions)
     started = request[STARTED]
-    results = [render(runtime.labels, item, p, started) for item, p in zip(body.items, predictions, strict=True)]
+    results = [render(runtime, entry, p, started) for entry, p in zip(items, predictions, strict=True)]
     return json_response({"results": results}, headers={MODEL_VERSION: runtime.version})
 
 
@@ -192,7 +231,7 @@ async def predict_rows(runtime: Runtime, rows: list[Text]) -> list[Prediction]:
     if cache is None:
         futures = [runtime.batcher.submit(rows[0])] if len(rows) == 1 else runtime.batcher.submit_all(rows)
         return await gathered(futures)
-    keys = [row.text for row in rows]  # the text the model reads: equal texts, equal answers
+    keys = [row.key for row in rows]  # what the model reads: equal inputs, equal answers
     found: list[Prediction | None] = [cache.get(key) for key in keys]
     missing = [index for index, hit in enumerate(found) if hit is None]
     runtime.metrics.cache_hits.inc(len(rows) - len(missing))
@@ -226,13 +265,16 @@ def log_predictions(
     settings: LogSettings,
     request_id: str,
     runtime: Runtime,
-    bodies: Sequence[PredictRequest],
+    bodies: Sequence[Query],
     predictions: Sequence[Prediction],
 ) -> None:
     """One JSON line per sampled answer (log.predictions): the text only with log.prediction_text."""
     if not settings.predictions:
         return
-    for body, prediction in zip(bodies, predictions, strict=True):
+    inputs: list[Query | tuple[str, str | None]] = []
+    for body in bodies:  # an `inputs` request has one answer per input
+        inputs.extend(body.texts() if isinstance(body, InputsRequest) else [body])
+    for given, prediction in zip(inputs, predictions, strict=True):
         if settings.predictions < 1 and random.random() >= settings.predictions:
             continue
         record: dict[str, Any] = {
@@ -249,7 +291,13 @@ def log_predictions(
             "cached": prediction.cached,
         }
         if settings.prediction_text:
-            record["turns"] = [{"speaker": turn.speaker, "text": turn.text} for turn in body.turns]
+            if isinstance(given, PredictRequest):
+                record["turns"] = [{"speaker": turn.speaker, "text": turn.text} for turn in given.turns]
+            elif not isinstance(given, InputsRequest):
+                text, pair = (given.text, given.text_pair) if isinstance(given, TextRequest) else given
+                record["text"] = text
+                if pair is not None:
+                    record["text_pair"] = pair
         predictions_log.info(orjson.dumps(record).decode())
 
 
@@ -257,6 +305,9 @@ def check_sizes(data: Any, server: ServerSettings, *, batch: bool = False) -> No
     """413 for a body over the item, turn or text limits, checked on the parsed JSON before
     the schema walks it: a legal body of 10,000 tiny items costs a count, not a
     validation. Shapes are left to the schema."""
+    if isinstance(data, dict) and "turns" not in data and ("text" in data or "inputs" in data):
+        _check_texts(data, server)
+        return
     dialogues: Any = [data]
     if batch:
         dialogues = data.get("items") if isinstance(data, dict) else None
@@ -270,6 +321,8 @@ def check_sizes(data: Any, server: ServerSettings, *, batch: bool = False) -> No
         where = f"items.{number}." if batch else ""
         turns = dialogue.get("turns") if isinstance(dialogue, dict) else None
         if not isinstance(turns, list):
+            if isinstance(dialogue, dict):  # a text item
+                _check_texts(dialogue, server, where)
             continue
         if len(turns) > server.max_turns:
             raise PayloadTooLarge(f"{where}turns: {len(turns)} turns, more than max_turns ({server.max_turns})")
@@ -282,16 +335,47 @@ def check_sizes(data: Any, server: ServerSettings, *, batch: bool = False) -> No
                 )
 
 
-def encode(runtime: Runtime, body: PredictRequest) -> Text:
-    """The dialogue's text as the model reads it; tokenized here (timed into
-    batcher_tokenize_duration_seconds) unless a worker thread does it with its batch."""
-    turns = [(turn.speaker, turn.text) for turn in body.turns]
-    if not runtime.tokenize_on_loop:
-        return runtime.encoder.prepare(turns, tokenize=False)
+def _check_texts(data: dict[str, Any], server: ServerSettings, where: str = "") -> None:
+    """The limits for `{"text", "text_pair"}` and `{"inputs"}`: max_text_chars a text,
+    max_batch_items inputs."""
+    limit = server.max_text_chars
+    for key in ("text", "text_pair"):
+        value = data.get(key)
+        if isinstance(value, str) and len(value) > limit:
+            raise PayloadTooLarge(f"{where}{key}: {len(value)} characters, more than max_text_chars ({limit})")
+    inputs = data.get("inputs")
+    if isinstance(inputs, str):
+        inputs = [inputs]
+    if not isinstance(inputs, list):
+        return
+    if len(inputs) > server.max_batch_items:
+        raise PayloadTooLarge(f"inputs: {len(inputs)} inputs, more than max_batch_items ({server.max_batch_items})")
+    for index, entry in enumerate(inputs):
+        for text in entry if isinstance(entry, list) else [entry]:
+            if isinstance(text, str) and len(text) > limit:
+                raise PayloadTooLarge(f"inputs.{index}: {len(text)} characters, more than max_text_chars ({limit})")
+
+
+def encode(runtime: Runtime, body: Query) -> list[Text]:
+    """The request's inputs as the model reads them (one for turns or a text, one per input
+    of `inputs`); tokenized here (timed into batcher_tokenize_duration_seconds) unless a
+    worker thread does it with its batch."""
+    encoder, on_loop = runtime.encoder, runtime.tokenize_on_loop
     started = time.perf_counter()
-    text = runtime.encoder.prepare(turns)
-    runtime.metrics.tokenize.observe(time.perf_counter() - started)
-    return text
+    if isinstance(body, PredictRequest):
+        rows = [encoder.prepare([(turn.speaker, turn.text) for turn in body.turns], tokenize=on_loop)]
+    elif isinstance(body, TextRequest):
+        rows = [encoder.prepare_text(body.text, body.text_pair, tokenize=on_loop)]
+    else:
+        side = body.truncation_direction.lower() if body.truncation_direction else None
+        truncate = body.truncate is not False
+        rows = [
+            encoder.prepare_text(text, pair, side=side, truncate=truncate, tokenize=on_loop)  # type: ignore[arg-type]
+            for text, pair in body.texts()
+        ]
+    if on_loop:
+        runtime.metrics.tokenize.observe(time.perf_counter() - started)
+    return rows
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -359,15 +443,25 @@ def _parse(raw: bytes) -> Any:
         raise InvalidJSON(f"request body is not valid JSON: {str(exc)[:120]}") from None
 
 
-def render(labels: list[str], body: PredictRequest, prediction: Prediction, started: float) -> dict[str, Any]:
+def render(runtime: Runtime, body: Item, prediction: Prediction, started: float) -> dict[str, Any]:
     """The old service's response plus `timing` (which says `cached: true` for an answer
-    from the cache)."""
+    from the cache); a multi-label model's `labels`; an abstained answer's fallback label
+    and best guess."""
+    labels, head = runtime.labels, runtime.head
     result: dict[str, Any] = {
         "intent_id": prediction.intent_id,
         "intent_name": labels[prediction.intent_id],
         "confidence": round(prediction.confidence, 4),
         "inference_time_ms": round(prediction.inference_ms, 2),
     }
+    if head.abstain_threshold and prediction.confidence < head.abstain_threshold and not head.multi_label:
+        result["intent_id"], result["intent_name"] = -1, head.abstain_label
+        result["abstained"] = True
+        result["best_guess"] = {"id": prediction.intent_id, "name": labels[prediction.intent_id]}
+    if head.multi_label:
+        scores = prediction.probabilities.tolist()
+        chosen = sorted((i for i, p in enumerate(scores) if p >= head.threshold), key=lambda i: -scores[i])
+        result["labels"] = [{"label": labels[i], "score": round(scores[i], 4)} for i in chosen]
     if body.return_all_probs:
         result["probabilities"] = {
             name: round(p, 4) for name, p in zip(labels, prediction.probabilities.tolist(), strict=True)
@@ -389,3 +483,28 @@ def timing_headers(prediction: Prediction) -> dict[str, str]:
         "x-inference-time-ms": f"{prediction.inference_ms:.3f}",
         "x-batch-size": str(prediction.batch_size),
     }
+
+
+def render_scores(runtime: Runtime, body: InputsRequest, predictions: Sequence[Prediction]) -> Any:
+    """The text-embeddings-inference / Hugging Face answer: each input's labels with their
+    scores, highest first (`top_k` of them); a list of those for a batch, and for a single
+    input sent with `parameters` (the Hugging Face Inference API's shape, which
+    `huggingface_hub` reads) a list of one."""
+    parameters = body.parameters
+    function: Function | None = "none" if body.raw_scores else None
+    top_k = None
+    if parameters is not None:
+        function = parameters.function_to_apply or function
+        top_k = parameters.top_k
+    labels, head = runtime.labels, runtime.head
+    answers = []
+    for prediction in predictions:
+        scores = prediction.probabilities
+        if function is not None and function != head.function and prediction.logits is not None:
+            scores = head.apply(prediction.logits[None, :], function)[0]
+        values = scores.tolist()
+        order = sorted(range(len(values)), key=lambda index: -values[index])[:top_k]
+        answers.append([{"label": labels[index], "score": values[index]} for index in order])
+    if body.batch:
+        return answers
+    return [answers[0]] if parameters is not None else answers[0]

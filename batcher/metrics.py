@@ -7,7 +7,9 @@ is on (the parent sets PROMETHEUS_MULTIPROC_DIR before it starts them): every co
 histogram is summed over the workers, whichever one answers the scrape; each gauge says
 how (its `multiprocess_mode`: queue depths and capacities summed, readiness the minimum);
 process and event-loop CPU and memory are summed too, and also kept per worker in the
-`batcher_worker_*` gauges (label `worker`), refreshed every second by each worker.
+`batcher_worker_*` gauges (label `worker`), refreshed every second by each worker. A single
+process exports those gauges too, as worker 0, read at each scrape: the dashboard's
+per-worker panels then show the same series in every layout.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from prometheus_client import (
     disable_created_metrics,
     generate_latest,
 )
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -90,6 +92,12 @@ LATENCY_BUCKETS_S = (
 TOKENIZE_BUCKETS_S = (0.00002, 0.00005, 0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
 RATIO_BUCKETS = (0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+WORKER_GAUGES = (
+    ("batcher_worker_cpu_seconds", "CPU time of one worker process."),
+    ("batcher_worker_event_loop_cpu_seconds", "CPU time of one worker's event-loop thread."),
+    ("batcher_worker_resident_memory_bytes", "Resident memory of one worker process."),
+)
+"""One process's own CPU, event-loop CPU and memory, label `worker`, in that order."""
 MULTIPROCESS_DIR = "PROMETHEUS_MULTIPROC_DIR"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -101,7 +109,7 @@ def multiprocess() -> bool:
 
 class Metrics:
     """The metric families, registered on `registry`. `worker` labels this process's own
-    CPU and memory gauges when several workers serve (multiprocess mode)."""
+    CPU and memory gauges (0 when it serves alone)."""
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True, worker: int = 0) -> None:
         self.registry = registry or CollectorRegistry()
@@ -229,7 +237,9 @@ class Metrics:
         self._models: dict[str, ModelMetrics] = {}
         self._usage: ProcessUsage | None = None
         if process and not self.multiprocess:
-            r.register(LoopThreadCPU())
+            loop_cpu = LoopThreadCPU()
+            r.register(loop_cpu)
+            r.register(WorkerUsage(loop_cpu, self.worker))
         elif process:
             self._usage = ProcessUsage(r, self.worker)
         self._answer_children: dict[tuple[str, int, str], tuple[Counter, Histogram]] = {}
@@ -327,9 +337,6 @@ class ProcessUsage:
 
     def __init__(self, registry: CollectorRegistry, worker: str) -> None:
         self._loop = LoopThreadCPU()
-        self._process = Path("/proc/self/stat")
-        self._ticks = _clock_ticks()
-        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
         self._seen = (0.0, 0.0)
         self.cpu = Counter(
             "process_cpu_seconds", "CPU time of the server's processes (user + system).", registry=registry
@@ -344,26 +351,17 @@ class ProcessUsage:
             multiprocess_mode="livesum",
         )
 
-        def per_worker(name: str, documentation: str) -> Gauge:
-            gauge = Gauge(name, documentation, ["worker"], registry=registry, multiprocess_mode="livemax")
-            return gauge.labels(worker)
-
-        self.worker_cpu = per_worker("batcher_worker_cpu_seconds", "CPU time of one worker process.")
-        self.worker_loop_cpu = per_worker(
-            "batcher_worker_event_loop_cpu_seconds", "CPU time of one worker's event-loop thread."
-        )
-        self.worker_memory = per_worker(
-            "batcher_worker_resident_memory_bytes", "Resident memory of one worker process."
+        self.worker_cpu, self.worker_loop_cpu, self.worker_memory = (
+            Gauge(name, documentation, ["worker"], registry=registry, multiprocess_mode="livemax").labels(worker)
+            for name, documentation in WORKER_GAUGES
         )
 
     def update(self) -> None:
-        try:
-            fields = self._process.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+        usage = _process_usage()
+        if usage is None:
             return
-        cpu = (int(fields[11]) + int(fields[12])) / self._ticks  # utime + stime
+        cpu, memory = usage
         loop = self._loop.seconds() or 0.0
-        memory = int(fields[21]) * self._page  # rss, in pages
         last_cpu, last_loop = self._seen
         self.cpu.inc(max(0.0, cpu - last_cpu))
         self.loop_cpu.inc(max(0.0, loop - last_loop))
@@ -372,6 +370,25 @@ class ProcessUsage:
         self.worker_cpu.set(cpu)
         self.worker_loop_cpu.set(loop)
         self.worker_memory.set(memory)
+
+
+class WorkerUsage(Collector):
+    """A single process's CPU, event-loop CPU and memory under the per-worker names, as worker
+    `worker`, read from /proc at each scrape (absent where /proc is)."""
+
+    def __init__(self, loop_cpu: LoopThreadCPU, worker: str) -> None:
+        self._loop_cpu = loop_cpu
+        self._worker = worker
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        usage, loop = _process_usage(), self._loop_cpu.seconds()
+        if usage is None or loop is None:
+            return
+        cpu, memory = usage
+        for (name, documentation), value in zip(WORKER_GAUGES, (cpu, loop, memory), strict=True):
+            family = GaugeMetricFamily(name, documentation, labels=["worker"])
+            family.add_metric([self._worker], value)
+            yield family
 
 
 class LoopThreadCPU(Collector):
@@ -399,8 +416,21 @@ class LoopThreadCPU(Collector):
         )
 
 
+def _process_usage() -> tuple[float, int] | None:
+    """This process's CPU seconds (user + system) and resident bytes, from /proc/self/stat."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / _TICKS, int(fields[21]) * _PAGE_BYTES  # utime + stime; rss
+
+
 def _clock_ticks() -> int:
     try:
         return int(os.sysconf("SC_CLK_TCK"))
     except (ValueError, OSError, AttributeError):
         return 100
+
+
+_TICKS = _clock_ticks()
+_PAGE_BYTES = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096

@@ -2,9 +2,10 @@
 
 Routes: GET /v2, /v2/health/live, /v2/health/ready, /v2/models/{name},
 /v2/models/{name}/ready, and POST /v2/models/{name}/infer. The infer request carries one
-BYTES input, `text`, of shape [N] or [N, 1]: each element is one dialogue, either a user's
-text (one turn) or a JSON object {"turns": [{"speaker": ..., "text": ...}, ...]} for a
-multi-turn dialogue, oldest turn first. Its data comes as JSON or, as Triton's clients send
+BYTES input, `text`, of shape [N] or [N, 1]: each element is one input, read in the model's
+own format (`/predict`'s): a user's text, or a JSON object, either {"turns": [{"speaker":
+..., "text": ...}, ...]} (a dialogue, oldest turn first) or {"text": ..., "text_pair": ...}
+(a pair). Its data comes as JSON or, as Triton's clients send
 it, in the binary tensor extension (`Inference-Header-Content-Length`; each element a
 4-byte little-endian length and its bytes). The answer's outputs, as JSON: `probabilities`
 (FP32 [N, labels]), `intent_id` (INT64 [N]) and `intent_name` (BYTES [N]). Errors are the
@@ -26,13 +27,14 @@ from batcher.handlers import (
     MODEL_VERSION,
     MODELS,
     SETTINGS,
+    Item,
     check_sizes,
     encode,
+    item,
     json_response,
     predict_rows,
     read_body,
 )
-from batcher.schemas import PredictRequest, validate
 
 TEXT = "text"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -98,8 +100,8 @@ async def infer(request: web.Request) -> web.Response:
     texts, request_id = _texts(header, binary, limit=request.app[SETTINGS].server.max_batch_items)
     runtime = request.app[MODELS].get(name)  # after the last await before admission (handlers' docstring)
     server = request.app[SETTINGS].server
-    dialogues = [_dialogue(text, index, server) for index, text in enumerate(texts)]
-    predictions = await predict_rows(runtime, [encode(runtime, body) for body in dialogues])
+    items = [_item(text, index, server) for index, text in enumerate(texts)]
+    predictions = await predict_rows(runtime, [row for body in items for row in encode(runtime, body)])
     labels = runtime.labels
     answer: dict[str, Any] = {
         "model_name": runtime.name,
@@ -201,9 +203,9 @@ def _binary_elements(binary: bytes, size: Any, count: int) -> list[str]:
     return elements
 
 
-def _dialogue(text: str, index: int, server: ServerSettings) -> PredictRequest:
-    """One element as a dialogue: {"turns": [...]} as JSON, else one user turn."""
-    data: Any = {"turns": [{"speaker": "user", "text": text}]}
+def _item(text: str, index: int, server: ServerSettings) -> Item:
+    """One element: {"turns": [...]} or {"text": ..., "text_pair": ...} as JSON, else a text."""
+    data: Any = {"text": text}
     if text.lstrip().startswith("{"):
         try:
             parsed = orjson.loads(text)
@@ -211,8 +213,10 @@ def _dialogue(text: str, index: int, server: ServerSettings) -> PredictRequest:
             parsed = None
         if isinstance(parsed, dict) and "turns" in parsed:
             data = {"turns": parsed["turns"]}
+        elif isinstance(parsed, dict) and "text" in parsed:
+            data = {key: parsed[key] for key in ("text", "text_pair") if key in parsed}
     try:
         check_sizes(data, server)
-        return validate(PredictRequest, data)
+        return item(data)
     except (ValidationFailed, PayloadTooLarge) as error:
         raise type(error)(f"inputs.{TEXT}[{index}]: {error.message}") from None

@@ -58,11 +58,17 @@ _REQUEST_ID = {
 }
 
 
-def _ref(model: type[BaseModel]) -> dict[str, str]:
+Shapes = type[BaseModel] | tuple[type[BaseModel], ...]
+"""One schema, or several a body may take (oneOf)."""
+
+
+def _ref(model: Shapes) -> dict[str, Any]:
+    if isinstance(model, tuple):
+        return {"oneOf": [_ref(one) for one in model]}
     return {"$ref": REF.format(model=model.__name__)}
 
 
-def _json(model: type[BaseModel], description: str) -> dict[str, Any]:
+def _json(model: Shapes, description: str) -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": _ref(model)}}}
 
 
@@ -80,9 +86,9 @@ def _errors(*errors: type[HTTPError], shape: type[BaseModel] = schemas.ErrorResp
 
 def _operation(
     summary: str,
-    response: type[BaseModel],
+    response: Shapes,
     *,
-    body: type[BaseModel] | None = None,
+    body: Shapes | None = None,
     errors: tuple[type[HTTPError], ...] = (),
     model: list[str] | None = None,
     shape: type[BaseModel] = schemas.ErrorResponse,
@@ -110,8 +116,11 @@ def build_openapi(title: str, version: str, settings: Settings) -> dict[str, Any
     names = [spec.name for spec in settings.served]
     models: list[type[BaseModel]] = [
         schemas.PredictRequest,
+        schemas.TextRequest,
+        schemas.InputsRequest,
         schemas.BatchPredictRequest,
         schemas.PredictResponse,
+        schemas.ScoresResponse,
         schemas.BatchPredictResponse,
         schemas.IntentsResponse,
         schemas.ServiceStatus,
@@ -144,8 +153,9 @@ def build_openapi(title: str, version: str, settings: Settings) -> dict[str, Any
         **_predict_paths(
             "",
             None,
-            "Predict the intent of one dialogue",
-            "Predict several dialogues; each is batched with other traffic",
+            "Predict the intent of one dialogue (turns), one text or pair (text, text_pair), or inputs "
+            "(the text-embeddings-inference / Hugging Face shape, answered with every label's score)",
+            "Predict several dialogues or texts; each is batched with other traffic",
         ),
         "/models": {"get": _operation("Every model served: name, version, labels, ready", schemas.ModelsResponse)},
         **_predict_paths(
@@ -178,7 +188,11 @@ def _predict_paths(prefix: str, model: list[str] | None, one: str, several: str)
     return {
         f"{prefix}/predict": {
             "post": _operation(
-                one, schemas.PredictResponse, body=schemas.PredictRequest, errors=_PREDICT_ERRORS, model=model
+                one,
+                (schemas.PredictResponse, schemas.ScoresResponse),
+                body=(schemas.PredictRequest, schemas.TextRequest, schemas.InputsRequest),
+                errors=_PREDICT_ERRORS,
+                model=model,
             )
         },
         f"{prefix}/predict/batch": {
@@ -222,3 +236,14 @@ def _limit(components: dict[str, Any], limits: ServerSettings) -> None:
     components["BatchPredictRequest"]["properties"]["items"]["maxItems"] = limits.max_batch_items
     components["PredictRequest"]["properties"]["turns"]["maxItems"] = limits.max_turns
     components["Turn"]["properties"]["text"]["maxLength"] = limits.max_text_chars
+    for key in ("text", "text_pair"):
+        _text_schema(components["TextRequest"]["properties"][key])["maxLength"] = limits.max_text_chars
+
+
+def _text_schema(schema: dict[str, Any]) -> dict[str, Any]:
+    """The string branch of a field's schema (`anyOf` string/null for an optional one)."""
+    for option in schema.get("anyOf", []):
+        if option.get("type") == "string":
+            found: dict[str, Any] = option  # edited in place
+            return found
+    return schema

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batcher.errors import QueueFull
-from batcher.tokenization import Text
+from batcher.model.tokenization import Text
 
 
 @dataclass(eq=False, slots=True)

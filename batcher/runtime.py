@@ -18,13 +18,25 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from batcher import __version__
 from batcher.batching import Batcher, Prediction
-from batcher.bundle import ModelBundle, bundle_version, choose_graph, load_bundle
-from batcher.config import ModelSpec, Settings
-from batcher.errors import Draining, ModelNotFound, NotReady, StartupCancelled, StartupError, snippet
+from batcher.config import ModelSettings, ModelSpec, Settings
+from batcher.errors import (
+    BundleError,
+    Draining,
+    HTTPError,
+    ModelNotFound,
+    NotReady,
+    StartupCancelled,
+    StartupError,
+    snippet,
+)
 from batcher.metrics import Metrics, ModelMetrics
-from batcher.model import CUDA, OnnxModel, usable_provider
-from batcher.tokenization import TextEncoder
+from batcher.model.bundle import ModelBundle, bundle_version, choose_graph, load_bundle
+from batcher.model.formats import TextEncoder
+from batcher.model.heads import Head, resolve_output
+from batcher.model.session import CUDA, OnnxModel, final_op, first_line, usable_provider
+from batcher.model.tokenization import Text
 from batcher.worker import Model, Worker
 
 log = logging.getLogger(__name__)
@@ -40,6 +52,9 @@ class Runtime:
     spec: ModelSpec
     bundle: ModelBundle
     encoder: TextEncoder
+    """The model's reader: its input format and tokenizer."""
+    head: Head
+    """The model's output function and answer rules."""
     batcher: Batcher
     provider: str
     metrics: ModelMetrics
@@ -74,7 +89,10 @@ class Runtime:
             "labels": self.labels,
             "ready": self.ready,
             "provider": self.provider,
-            "file": self.bundle.model_path.name,
+            "file": self.bundle.model_path.relative_to(self.bundle.directory).as_posix(),
+            "input": self.encoder.format.describe(),
+            "output": self.head.describe(),
+            "multi_label": self.head.multi_label,
         }
 
 
@@ -102,21 +120,56 @@ async def load_runtime(
         probe = directory / choose_graph(directory, file, on_gpu=False)  # any graph tells whether CUDA runs
         provider = await step(usable_provider, spec.model, probe)
     file = choose_graph(directory, file, on_gpu=provider == CUDA)
-    bundle = await step(load_bundle, directory, file)
-    encoder = await step(TextEncoder.from_bundle, bundle.directory, spec.model.max_seq_len)
+    bundle = await step(load_bundle, directory, file, settings_key(spec.model))
+    encoder = await step(TextEncoder.for_bundle, bundle, spec.model)
+    named = resolve_output(spec.model.output, bundle.declared, problem_type=None, num_labels=len(bundle.labels))
     if model is None:
-        model = await step(OnnxModel, bundle, spec.model, provider)
-    log.info("model %s (%s, version %s) runs on %s", spec.name, bundle.model_path.name, bundle.version, model.provider)
+        session = await step(
+            partial(OnnxModel, output=named.output, pad_id=encoder.pad_id), bundle, spec.model, provider
+        )
+        fixed = session.static_length
+        if fixed is not None and fixed < encoder.max_seq_len:  # the graph takes no more: cut there
+            log.warning(
+                "model %s: the graph takes exactly %d tokens (a static sequence length), so inputs are cut at %d "
+                "(and padded to it), not %d; set model.max_seq_len = %d to silence this",
+                spec.name, fixed, fixed, encoder.max_seq_len, fixed,
+            )  # fmt: skip
+            encoder = await step(partial(TextEncoder.for_bundle, static_length=fixed), bundle, spec.model)
+        await step(partial(session.check, max_length=encoder.max_seq_len, vocab_size=encoder.vocab_size))
+        model, output = session, session.output
+    else:
+        output = named.output or "logits"
+    last_op = await step(final_op, bundle.model_path, output)
+    head = resolve_output(
+        spec.model.output,
+        bundle.declared,
+        problem_type=bundle.problem_type,
+        num_labels=len(bundle.labels),
+        final_op=last_op,
+    )
+    graph = bundle.model_path.relative_to(bundle.directory).as_posix()
+    log.info("model %s (%s, version %s) runs on %s", spec.name, graph, bundle.version, model.provider)
+    log.info("model %s reads %s", spec.name, encoder.format.describe())
+    log.info("model %s scores with %s", spec.name, head.describe())
+    probe_row = sample_row(encoder, bundle)
     warm = partial(
         warm_up,
         model,
         pad_id=encoder.pad_id,
         batch_sizes=sorted({*WARMUP_BATCH_SIZES, spec.batching.max_batch_size}),
-        lengths=sorted({*WARMUP_LENGTHS, spec.model.max_seq_len}),
+        lengths=sorted({*WARMUP_LENGTHS, encoder.max_seq_len}),
         runs=spec.model.warmup_runs,
         cancelled=cancelled,
     )
-    await step(warm)
+    try:
+        await step(warm)
+    except StartupCancelled:
+        raise
+    except Exception as exc:
+        raise BundleError(
+            f"{bundle.model_path}: warm-up failed in ONNX Runtime: {first_line(exc)} "
+            "(check model.max_seq_len, batching.max_batch_size and model.file)"
+        ) from None
     batching = spec.batching
     worker = Worker(
         model,
@@ -124,24 +177,50 @@ async def load_runtime(
         instances=batching.instances,
         pad_id=encoder.pad_id,
         num_labels=len(bundle.labels),
+        activate=head.apply,
         sched_idle=batching.worker_sched_idle,
         nice=batching.worker_nice,
     )
     model_metrics = metrics.for_model(spec.name)
-    batcher = Batcher(worker, settings=batching, metrics=model_metrics)
+    batcher = Batcher(worker, settings=batching, metrics=model_metrics, probe=probe_row)
     info = {
         "version": bundle.version,
-        "file": bundle.model_path.name,
+        "file": graph,
         "sha256": bundle.sha256[:12],
         "provider": model.provider,
         "labels": str(len(bundle.labels)),
+        "input_format": encoder.format.kind,
+        "output_function": head.function,
+        "batcher_version": __version__,
         **settings.describe(spec),
     }
     metrics.describe_model(spec.name, info)
     batcher.start()
     cache = PredictionCache(settings.cache.max_entries) if settings.cache.max_entries else None
     on_loop = spec.batching.tokenize_on == "loop" or (spec.batching.tokenize_on == "auto" and provider != CUDA)
-    return Runtime(spec, bundle, encoder, batcher, model.provider, model_metrics, cache, on_loop)
+    return Runtime(spec, bundle, encoder, head, batcher, model.provider, model_metrics, cache, on_loop)
+
+
+def settings_key(settings: ModelSettings) -> str:
+    """What of a model's settings decides its answers (in its version, with the bundle's files)."""
+    chosen = {"max_seq_len": settings.max_seq_len, "input": settings.input, "output": settings.output}
+    return repr(chosen)
+
+
+SAMPLE_TEXT = "hello"
+"""What warm-up's probe and the readiness probe read when the bundle's batcher.json has no
+`sample`: a word any vocabulary tokenizes (into pieces or its unknown token)."""
+
+
+def sample_row(encoder: TextEncoder, bundle: ModelBundle) -> Text:
+    """A short input in the model's own format: batcher.json's `sample`, else SAMPLE_TEXT (a
+    pair of it for a pair model)."""
+    sample = bundle.declared.get("sample")
+    text = sample if isinstance(sample, str) and sample.strip() else SAMPLE_TEXT
+    try:
+        return encoder.prepare_text(text)
+    except HTTPError:  # a pair model
+        return encoder.prepare_text(text, text)
 
 
 def warm_up(
@@ -249,7 +328,7 @@ class Models:
             file = await asyncio.to_thread(
                 choose_graph, old.spec.directory, old.spec.model.file, on_gpu=old.provider == CUDA
             )
-            version = await asyncio.to_thread(bundle_version, old.spec.directory, file)
+            version = await asyncio.to_thread(bundle_version, old.spec.directory, file, settings_key(old.spec.model))
             if version == old.version:
                 return {"model": name, "status": "unchanged", "version": version}
             try:
@@ -293,20 +372,20 @@ class Models:
 
 
 class PredictionCache:
-    """Answers by the text the model reads (`Text.text`), least recently used out first (one
-    per runtime, so one version)."""
+    """Answers by what the model reads (`Text.key`: its token ids, or its texts when the
+    worker tokenizes), least recently used out first (one per runtime, so one version)."""
 
     def __init__(self, max_entries: int) -> None:
         self.max_entries = max_entries
-        self._entries: OrderedDict[str, Prediction] = OrderedDict()
+        self._entries: OrderedDict[object, Prediction] = OrderedDict()
 
-    def get(self, key: str) -> Prediction | None:
+    def get(self, key: object) -> Prediction | None:
         prediction = self._entries.get(key)
         if prediction is not None:
             self._entries.move_to_end(key)
         return prediction
 
-    def put(self, key: str, prediction: Prediction) -> None:
+    def put(self, key: object, prediction: Prediction) -> None:
         self._entries[key] = prediction
         self._entries.move_to_end(key)
         if len(self._entries) > self.max_entries:

@@ -7,10 +7,10 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, TypeVar
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, RootModel, StrictBool, StrictStr
 
-from batcher.dialogue import VISIBLE, is_blank
 from batcher.errors import ValidationFailed
+from batcher.model.dialogue import VISIBLE, is_blank
 
 SPEAKER_MAX_CHARS = 32
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
@@ -56,12 +56,116 @@ class PredictRequest(BaseModel):
         return turns
 
 
-class BatchPredictRequest(BaseModel):
-    """Several dialogues; each is batched with other traffic on its own."""
+def _not_blank(value: str | None) -> str | None:
+    if value is not None and is_blank(value):
+        raise ValueError("must be non-blank (have a visible character)")
+    return value
+
+
+VisibleText = Annotated[StrictStr, Field(json_schema_extra={"pattern": VISIBLE}, examples=["play some jazz"])]
+
+
+class TextRequest(BaseModel):
+    """One text, or a pair of texts for a model that reads pairs (query and passage, two
+    sentences): the pair goes through the tokenizer's own pair template."""
 
     model_config = ConfigDict(extra="ignore")
 
-    items: Annotated[list[PredictRequest], Field(min_length=1)]
+    text: VisibleText
+    text_pair: Annotated[
+        StrictStr | None, Field(json_schema_extra={"pattern": VISIBLE}, description="The pair's second text.")
+    ] = None
+    return_all_probs: StrictBool = False
+
+    _visible = pydantic.field_validator("text", "text_pair")(_not_blank)
+
+
+OneInput = Annotated[list[VisibleText], Field(min_length=1, max_length=2)]
+FunctionName = Literal["softmax", "sigmoid", "none"]
+
+
+class InputsParameters(BaseModel):
+    """The Hugging Face Inference API's parameters for text classification."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    top_k: Annotated[int, Field(ge=1, description="Answer only the k best labels.")] | None = None
+    function_to_apply: FunctionName | None = Field(
+        default=None, description="softmax, sigmoid or none (raw scores); default: the model's own."
+    )
+
+
+class InputsRequest(BaseModel):
+    """The text-embeddings-inference and Hugging Face shape: `inputs` is one text, a pair
+    `[a, b]`, or a batch `[[text], [a, b], ...]`. The answer is every label with its score,
+    highest first (a list of those for a batch; with `parameters`, as the Hugging Face
+    Inference API and `huggingface_hub` expect, a single input's answer comes as a list of
+    one list)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    inputs: VisibleText | OneInput | Annotated[list[OneInput], Field(min_length=1)] = Field(
+        examples=["play some jazz", ["how do I reset it?", "Hold the button for ten seconds."]]
+    )
+    raw_scores: StrictBool = Field(default=False, description="Scores without the output function.")
+    truncate: StrictBool | None = Field(
+        default=None, description="Cut inputs longer than the model's maximum (default); false: 413 instead."
+    )
+    truncation_direction: Literal["left", "right", "Left", "Right"] | None = None
+    parameters: InputsParameters | None = None
+
+    def texts(self) -> list[tuple[str, str | None]]:
+        """Each input as (text, pair or None)."""
+        inputs = self.inputs
+        if isinstance(inputs, str):
+            return [(inputs, None)]
+        if all(isinstance(item, str) for item in inputs):
+            return [_pair(inputs)]  # type: ignore[arg-type]
+        return [_pair(item) for item in inputs]  # type: ignore[arg-type]
+
+    @pydantic.field_validator("inputs", mode="before")
+    @classmethod
+    def _shape(cls, inputs: Any) -> Any:
+        if isinstance(inputs, str):
+            if is_blank(inputs):
+                raise ValueError("the text must be non-blank (have a visible character)")
+            return inputs
+        shape = "expected a text, a pair [a, b], or a batch [[text], [a, b], ...]"
+        if not isinstance(inputs, list) or not inputs:
+            raise ValueError(shape)
+        items = [inputs] if all(isinstance(item, str) for item in inputs) else inputs
+        for index, item in enumerate(items):
+            if not isinstance(item, list) or not 1 <= len(item) <= 2 or not all(isinstance(t, str) for t in item):
+                raise ValueError(shape)
+            if any(is_blank(text) for text in item):
+                raise ValueError(f"input {index}: a text must be non-blank (have a visible character)")
+        return inputs
+
+    @property
+    def batch(self) -> bool:
+        return not isinstance(self.inputs, str) and not all(isinstance(item, str) for item in self.inputs)
+
+
+def _pair(item: list[str]) -> tuple[str, str | None]:
+    return (item[0], item[1]) if len(item) == 2 else (item[0], None)
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class ScoresResponse(RootModel[list[LabelScore] | list[list[LabelScore]]]):
+    """An `inputs` request's answer: its labels with their scores, highest first; a list of
+    those for a batch (or a single input sent with `parameters`)."""
+
+
+class BatchPredictRequest(BaseModel):
+    """Several dialogues or texts; each is batched with other traffic on its own."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    items: Annotated[list[PredictRequest | TextRequest], Field(min_length=1)]
 
 
 class Timing(BaseModel):
@@ -74,6 +178,11 @@ class Timing(BaseModel):
     cached: bool | None = Field(default=None, description="Present and true when the answer came from the cache.")
 
 
+class Intent(BaseModel):
+    id: int
+    name: str
+
+
 class PredictResponse(BaseModel):
     intent_id: int
     intent_name: str
@@ -82,16 +191,21 @@ class PredictResponse(BaseModel):
     probabilities: dict[str, float] | None = Field(
         default=None, description="Every intent's probability; only with return_all_probs."
     )
+    labels: list[LabelScore] | None = Field(
+        default=None,
+        description="Multi-label models: every label at or above model.output.threshold, highest first.",
+    )
+    abstained: bool | None = Field(
+        default=None,
+        description="Present and true when the confidence is below model.output.abstain_threshold: "
+        "intent_id is -1 and intent_name the fallback label; best_guess holds the model's best.",
+    )
+    best_guess: Intent | None = None
     timing: Timing
 
 
 class BatchPredictResponse(BaseModel):
     results: list[PredictResponse]
-
-
-class Intent(BaseModel):
-    id: int
-    name: str
 
 
 class IntentsResponse(BaseModel):
@@ -101,6 +215,7 @@ class IntentsResponse(BaseModel):
 class ServiceStatus(BaseModel):
     status: str = Field(examples=["ok"])
     service: str
+    version: str = Field(description="batcher's version (`batcher --version`).")
     model_loaded: bool
     model: str
     provider: str

@@ -2,8 +2,8 @@
 
 The batcher hands a formed batch to `Worker.run`; a worker thread drops the rows that died
 while the batch was staged, tokenizes the rest in one call (the GIL released), pads them
-to the batch's longest row, calls the model once, applies the softmax and posts a
-`RunResult` (or the exception) back to the loop.
+to the batch's longest row, calls the model once, applies the model's output function
+(`heads.Head.apply`) and posts a `RunResult` (or the exception) back to the loop.
 The worker knows nothing about when batches form; the batcher nothing about how they run.
 """
 
@@ -21,11 +21,14 @@ from typing import Protocol
 
 import numpy as np
 
+from batcher.model.heads import activate
+from batcher.model.tokenization import Encoded, Text
 from batcher.queue import Pending
-from batcher.tokenization import Encoded
 
-Encode = Callable[[Sequence[str]], list[Encoded]]
-"""Texts to token ids, one call per batch (`TextEncoder.encode_batch`)."""
+Encode = Callable[[Sequence[Text]], list[Encoded]]
+"""Rows to token ids, one call per batch (`TextEncoder.encode_batch`)."""
+Activate = Callable[[np.ndarray], np.ndarray]
+"""A batch's scores from its logits (`Head.apply`: softmax, sigmoid or none)."""
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,9 @@ class RunResult:
     """One model run's outcome, for the rows of its batch that were still alive."""
 
     probabilities: np.ndarray
+    """The model's output function applied to `logits`."""
+    logits: np.ndarray
+    """What the graph gave, one row per computed row."""
     rows: list[int]
     """Indices into the batch that were computed (the rest died while staged or failed)."""
     failed: list[int]
@@ -77,9 +83,7 @@ def pad_batch(rows: Sequence[Encoded], pad_id: int) -> tuple[np.ndarray, np.ndar
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    result: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
-    return result
+    return activate(logits, "softmax")
 
 
 def lower_priority(sched_idle: bool, nice: int) -> None:
@@ -112,11 +116,13 @@ class Worker:
         instances: int,
         pad_id: int,
         num_labels: int,
+        activate: Activate = softmax,
         sched_idle: bool = True,
         nice: int = 0,
     ) -> None:
         self.model = model
         self.encode = encode
+        self.activate = activate
         self.instances = instances
         self.pad_id = pad_id
         self._num_labels = num_labels
@@ -168,7 +174,7 @@ class Worker:
                 return
 
     def compute(self, batch: list[Pending]) -> RunResult:
-        """Drop rows that died while staged, tokenize, pad, run the model, softmax (on a
+        """Drop rows that died while staged, tokenize, pad, run the model, activate (on a
         worker thread). A batch whose run fails is retried row by row, so one bad row fails
         alone; when every row fails on its own too, the batch's error is raised."""
         # Reading a future's state from this thread is a single attribute read; a row
@@ -176,19 +182,19 @@ class Worker:
         alive = [index for index, entry in enumerate(batch) if not entry.future.done()]
         tokenizing = time.perf_counter()
         if not alive:
-            return RunResult(self._no_rows(), [], [], [], 0.0, tokenizing, tokenizing, 0, 0)
+            return RunResult(self._no_rows(), self._no_rows(), [], [], [], 0.0, tokenizing, tokenizing, 0, 0)
         encoded = {index: row for index in alive if (row := batch[index].text.encoded) is not None}
         pending = [index for index in alive if index not in encoded]  # tokenize_on = "worker"
         if pending:
-            encoded.update(zip(pending, self.encode([batch[index].text.text for index in pending]), strict=True))
+            encoded.update(zip(pending, self.encode([batch[index].text for index in pending]), strict=True))
         unreadable = [index for index in alive if not encoded[index].ids]
         rows = [index for index in alive if encoded[index].ids]
         started = time.perf_counter()
         tokenize_s = started - tokenizing if pending else 0.0
         if not rows:
-            return RunResult(self._no_rows(), [], [], unreadable, tokenize_s, started, started, 0, 0)
+            return RunResult(self._no_rows(), self._no_rows(), [], [], unreadable, tokenize_s, started, started, 0, 0)
         try:
-            probabilities, real, padded = self._run([encoded[index] for index in rows])
+            logits, real, padded = self._run([encoded[index] for index in rows])
         except Exception:
             if len(rows) == 1:
                 raise
@@ -197,7 +203,9 @@ class Worker:
             if not result.rows:
                 raise
             return result
-        return RunResult(probabilities, rows, [], unreadable, tokenize_s, started, time.perf_counter(), real, padded)
+        finished = time.perf_counter()
+        probabilities = self.activate(logits)
+        return RunResult(probabilities, logits, rows, [], unreadable, tokenize_s, started, finished, real, padded)
 
     def _no_rows(self) -> np.ndarray:
         return np.empty((0, self._num_labels), np.float32)
@@ -207,22 +215,24 @@ class Worker:
     ) -> RunResult:
         done: list[int] = []
         failed: list[int] = []
-        probabilities: list[np.ndarray] = []
+        logits: list[np.ndarray] = []
         real = padded = 0
         for index in rows:
             try:
-                row_probabilities, row_real, row_padded = self._run([encoded[index]])
+                row_logits, row_real, row_padded = self._run([encoded[index]])
             except Exception:
                 failed.append(index)
                 continue
             done.append(index)
-            probabilities.append(row_probabilities[0])
+            logits.append(row_logits[0])
             real, padded = real + row_real, padded + row_padded
-        stacked = np.stack(probabilities) if probabilities else self._no_rows()
-        return RunResult(stacked, done, failed, unreadable, tokenize_s, started, time.perf_counter(), real, padded)
+        stacked = np.stack(logits) if logits else self._no_rows()
+        finished = time.perf_counter()
+        probabilities = self.activate(stacked)
+        return RunResult(probabilities, stacked, done, failed, unreadable, tokenize_s, started, finished, real, padded)
 
     def _run(self, rows: Sequence[Encoded]) -> tuple[np.ndarray, int, int]:
-        """Probabilities for `rows` padded to their longest, and the real and padded token counts."""
+        """Logits for `rows` padded to their longest, and the real and padded token counts."""
         ids, mask, types = pad_batch(rows, self.pad_id)
         thread = threading.get_ident()
         self._runs_started[thread] = time.perf_counter()
@@ -232,4 +242,4 @@ class Worker:
             del self._runs_started[thread]
         if logits.shape != (len(rows), self._num_labels):
             raise ValueError(f"model returned logits of shape {logits.shape}, expected {(len(rows), self._num_labels)}")
-        return softmax(logits), int(mask.sum()), mask.size
+        return logits, int(mask.sum()), mask.size

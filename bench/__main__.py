@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 import uvloop
 
-from batcher.bundle import choose_graph
 from batcher.config import load_settings
+from batcher.model.bundle import choose_graph
 from bench import profile
 from bench.ab import alternate
 from bench.servers import MODEL, PEER_SETTINGS, ROOT, Server, batcher_server, naive_server, peer_server, provenance
@@ -78,7 +78,7 @@ def ceiling(corpus: Corpus, seconds: float) -> dict[str, Any]:
     """Best in-process sequences/s over batch sizes and thread layouts."""
     import onnxruntime as ort
 
-    from batcher.tokenization import TextEncoder
+    from batcher.model.formats import TextEncoder
     from batcher.worker import pad_batch
 
     encoder = TextEncoder.from_bundle(MODEL, 128)

@@ -281,7 +281,7 @@ def _peer_lines(results: dict[str, Any]) -> list[str]:
         "does (`bench/peers/common.py`: batcher's dialogue text, the bundle's tokenizer truncating from the left "
         "at 128 tokens, padding to the batch's longest row, one ONNX Runtime run, softmax; the peers call the "
         "tokenizer's `encode_batch` once per batch, batcher its exact shortcut per request on the loop, "
-        "`batcher.tokenization.Shortcut`: the same ids), configured as "
+        "`batcher.model.tokenization.Shortcut`: the same ids), configured as "
         f"batcher's defaults are: {settings['WORKERS']} workers (mosec) or model instances (Triton) of "
         f"{settings['THREADS']} ONNX Runtime thread, batches of up to {settings['BATCH']}, a {settings['WAIT_MS']} ms "
         "batch wait (the better of 2 × 1 and 1 × 2 threads for both when tried on this machine). mosec takes "

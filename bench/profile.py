@@ -18,7 +18,7 @@ from typing import Any
 RATE_HZ = 100
 # (part, substrings of a frame "function (file:line)"), for the event loop's samples.
 LOOP_PARTS = (
-    ("tokenization", ("batcher/tokenization.py",)),
+    ("tokenization", ("batcher/model/tokenization.py", "batcher/model/formats.py")),
     ("validation (pydantic)", ("pydantic/", "batcher/schemas.py")),
     ("metrics (prometheus_client)", ("prometheus_client/", "batcher/metrics.py")),
     ("batch selection (take_batch)", ("batcher/queue.py",)),
@@ -30,7 +30,8 @@ LOOP_PARTS = (
             "batcher/middleware.py",
             "batcher/fastpath.py",
             "batcher/runtime.py",
-            "batcher/dialogue.py",
+            "batcher/model/dialogue.py",
+            "batcher/model/heads.py",
         ),
     ),
     ("aiohttp: parsing, request and response objects, writes", ("aiohttp/",)),

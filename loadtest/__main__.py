@@ -1,4 +1,4 @@
-"""python -m loadtest: load batcher over HTTP and report what it did.
+"""python -m loadtest (or `batcher loadtest`): load batcher over HTTP and report what it did.
 
 python -m loadtest run --concurrency 64 --duration 20
 python -m loadtest run --rate 300 --arrival poisson --duration 20
@@ -34,9 +34,9 @@ def parse_loads(args: argparse.Namespace) -> list[Load]:
     return [Load("closed", args.concurrency)]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m loadtest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="closed- or open-loop load, one step or a sweep")
@@ -129,8 +129,9 @@ async def main_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: list[str] | None = None, *, prog: str = "python -m loadtest") -> int:
+    """The command line; `prog` names it in usage (`batcher loadtest` runs it too)."""
+    args = build_parser(prog).parse_args(argv)
     if args.command == "classic":
         return uvloop.run(run_classic(args.url))
     return uvloop.run(main_run(args))

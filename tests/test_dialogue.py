@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batcher import dialogue
-from batcher.dialogue import SEPARATOR, VISIBLE, clean, dialogue_text, is_blank
+from batcher.model import dialogue
+from batcher.model.dialogue import SEPARATOR, VISIBLE, clean, dialogue_text, is_blank
 
 
 def test_turns_are_marked_and_joined_oldest_first() -> None:

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from batcher.bundle import load_bundle
 from batcher.config import ModelSettings
 from batcher.handlers import MODELS
 from batcher.metrics import Metrics
-from batcher.model import OnnxModel
+from batcher.model.bundle import load_bundle
+from batcher.model.formats import TextEncoder
+from batcher.model.session import OnnxModel
 from batcher.schemas import BatchPredictResponse, ErrorResponse, PredictResponse
-from batcher.tokenization import TextEncoder
 from tests.conftest import FakeModel, FaultInjector, MakeClient, eventually, metric
 from tests.tiny_model import LABELS
 
@@ -291,7 +291,10 @@ async def test_openapi_and_docs(make_client: MakeClient) -> None:
     spec = await (await client.get("/openapi.json")).json()
     assert spec["openapi"].startswith("3.")
     predict = spec["paths"]["/predict"]["post"]
-    assert predict["requestBody"]["content"]["application/json"]["schema"]["$ref"].endswith("PredictRequest")
+    shapes = predict["requestBody"]["content"]["application/json"]["schema"]["oneOf"]
+    assert [shape["$ref"].rsplit("/", 1)[1] for shape in shapes] == ["PredictRequest", "TextRequest", "InputsRequest"]
+    answers = predict["responses"]["200"]["content"]["application/json"]["schema"]["oneOf"]
+    assert [shape["$ref"].rsplit("/", 1)[1] for shape in answers] == ["PredictResponse", "ScoresResponse"]
     assert {"200", "400", "413", "422", "429", "500", "503", "504"} <= set(predict["responses"])
     assert "turns" in spec["components"]["schemas"]["PredictRequest"]["properties"]
     page = await client.get("/docs")

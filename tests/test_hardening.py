@@ -24,7 +24,8 @@ from batcher.application import drain
 from batcher.errors import DeadlineExceeded, ValidationFailed, loggable
 from batcher.handlers import MODELS
 from batcher.metrics import Metrics
-from batcher.tokenization import TextEncoder
+from batcher.model.formats import InputFormat, TextEncoder
+from batcher.model.tokenization import Tokens, special_tokens
 from tests.conftest import FakeModel, FaultInjector, MakeBatcher, MakeClient, eventually, metric, row
 from tests.processes import finish, start, wait_ready
 
@@ -341,7 +342,11 @@ async def test_a_tokenizer_that_reads_nothing_gives_422_not_an_empty_row(make_ba
     serving, where the worker thread tokenizes: that row fails alone, its batch is answered."""
     tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "[SEP]": 1, "[PAD]": 2}, unk_token="[UNK]"))
     tokenizer.normalizer = normalizers.Replace(Regex("^用户：播放音乐$"), "")
-    encoder = TextEncoder(tokenizer, 16)
+    template = InputFormat(
+        kind="dialogue", turns="all", user_marker="用户：", other_marker="助手：", separator="[SEP]", side="left",
+        clean=True, max_length=16,
+    )  # fmt: skip
+    encoder = TextEncoder(Tokens(tokenizer, special_tokens(tokenizer, {}), max_length=16, side="left"), template)
     with pytest.raises(ValidationFailed, match="no turn has text the model can read"):
         encoder.encode_dialogue([("user", "播放音乐")])
     batcher, model, _ = make_batcher(encode=encoder.encode_batch, held=True, instances=1, max_wait_s=0)

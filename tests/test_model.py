@@ -8,10 +8,10 @@ import numpy as np
 import onnx
 import pytest
 
-from batcher.bundle import choose_graph, load_bundle
 from batcher.config import ModelSettings
 from batcher.errors import BundleError, StartupError
-from batcher.model import CPU, OnnxModel
+from batcher.model.bundle import choose_graph, load_bundle
+from batcher.model.session import CPU, OnnxModel
 from batcher.runtime import warm_up
 from tests.tiny_model import LABELS, build_bundle, build_graph
 
@@ -134,7 +134,13 @@ def test_auto_picks_the_graph_for_the_device(tmp_path: Path, files: list[str], o
     assert choose_graph(tmp_path, "model.onnx", on_gpu=on_gpu) == "model.onnx"  # a name always wins
 
 
-def test_auto_without_a_graph_for_the_device_says_so(tmp_path: Path) -> None:
-    (tmp_path / "model.int8.onnx").write_bytes(b"graph")
-    with pytest.raises(BundleError, match=r"found none of model\.fp16\.onnx, model\.onnx"):
+def test_auto_without_a_graph_it_knows_names_the_graphs_it_found(tmp_path: Path) -> None:
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "classifier.onnx").write_bytes(b"graph")
+    with pytest.raises(BundleError, match=r"found no graph .* it has exported/classifier\.onnx: set model\.file"):
         choose_graph(tmp_path, "auto", on_gpu=True)
+
+
+def test_auto_takes_an_int8_graph_on_cuda_when_it_is_the_only_one(tmp_path: Path) -> None:
+    (tmp_path / "model.int8.onnx").write_bytes(b"graph")
+    assert choose_graph(tmp_path, "auto", on_gpu=True) == "model.int8.onnx"

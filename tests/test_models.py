@@ -20,9 +20,11 @@ from typing import Any
 import aiohttp
 import pytest
 
-from batcher.bundle import bundle_version
+from batcher.config import ModelSettings
 from batcher.handlers import MODELS
 from batcher.metrics import Metrics
+from batcher.model.bundle import bundle_version
+from batcher.runtime import settings_key
 from loadtest.driver import Driver, Load
 from loadtest.http import HttpClient
 from tests.conftest import FakeModel, MakeClient, metric
@@ -31,6 +33,11 @@ from tests.tiny_model import build_bundle
 
 ONE = {"turns": [{"speaker": "user", "text": "播放周杰伦的歌"}]}
 OTHER = {"turns": [{"speaker": "user", "text": "明天天气怎么样"}]}
+
+
+def version_of(bundle: Path) -> str:
+    """The version a bundle served with default model settings has."""
+    return bundle_version(bundle, "model.onnx", settings_key(ModelSettings()))
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +49,7 @@ def wide_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def reloadable(tiny_bundle: Path, tmp_path: Path) -> Path:
     """A copy of the tiny bundle whose files a test may swap on disk."""
-    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "intent-zh"))
 
 
 class Session:
@@ -93,12 +100,8 @@ async def test_two_models_answer_on_their_routes_and_the_default_on_predict(
     named = await client.post("/models/intent-zh/predict", json=ONE)
     wide = await client.post("/models/wide/predict", json=ONE)
     assert [r.status for r in (default, named, wide)] == [200, 200, 200]
-    assert (
-        default.headers["x-model-version"]
-        == named.headers["x-model-version"]
-        == bundle_version(tiny_bundle, "model.onnx")
-    )
-    assert wide.headers["x-model-version"] == bundle_version(wide_bundle, "model.onnx")
+    assert default.headers["x-model-version"] == named.headers["x-model-version"] == version_of(tiny_bundle)
+    assert wide.headers["x-model-version"] == version_of(wide_bundle)
     batch = await client.post("/models/wide/predict/batch", json={"items": [ONE, OTHER]})
     assert batch.status == 200 and len((await batch.json())["results"]) == 2
     listed = await (await client.get("/models")).json()
@@ -126,7 +129,7 @@ async def test_reload_swaps_in_a_new_version_and_keeps_the_old_one_when_the_new_
     reloaded = await (await client.post("/models/intent-zh/reload")).json()
     assert reloaded["status"] == "reloaded" and reloaded["previous"] == first
     second = reloaded["version"]
-    assert second == bundle_version(reloadable, "model.onnx") != first
+    assert second == version_of(reloadable) != first
     assert (await client.post("/predict", json=ONE)).headers["x-model-version"] == second
     assert (await (await client.get("/models")).json())["models"][0]["version"] == second
     info = [s for f in metrics.registry.collect() if f.name == "batcher_model_info" for s in f.samples]
@@ -296,7 +299,7 @@ async def test_five_reloads_under_load_fail_no_request(reloadable: Path, tiny_bu
     and reloaded five times meanwhile."""
     process, url = start(reloadable, "server.admin_enabled=true")
     wait_ready(process, url)
-    versions = [bundle_version(bundle, "model.onnx") for bundle in (tiny_bundle, wide_bundle)]
+    versions = [version_of(bundle) for bundle in (tiny_bundle, wide_bundle)]
     client = HttpClient("127.0.0.1", int(url.rsplit(":", 1)[1]))
     bodies = itertools.cycle([json.dumps(ONE).encode(), json.dumps(OTHER).encode()])
     driver = Driver(client, "/predict", bodies, seed=1, timeout_s=10, progress=False)
@@ -338,7 +341,7 @@ def test_sighup_reloads_what_changed_on_disk_and_prediction_lines_go_to_their_fi
                 assert time.monotonic() < deadline, "SIGHUP did not reload the model"
                 time.sleep(0.2)
             answered = session.post(f"{url}/predict", json=ONE)
-            assert answered.headers["x-model-version"] == after == bundle_version(reloadable, "model.onnx")
+            assert answered.headers["x-model-version"] == after == version_of(reloadable)
     finally:
         process.send_signal(signal.SIGTERM)
         code, output = finish(process, 30)

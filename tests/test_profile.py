@@ -14,11 +14,11 @@ RAW = "\n".join(
     [
         f"{MAIN} 40",  # in uvloop's C code
         f"{MAIN};predict (batcher/handlers.py:72);encode (batcher/handlers.py:95);"
-        "TextEncoder.encode (batcher/tokenization.py:64) 20",
+        "TextEncoder.encode (batcher/model/tokenization.py:64) 20",
         f"{MAIN};predict (batcher/handlers.py:72);validate (batcher/schemas.py:129);"
         "BaseModel.model_validate (pydantic/main.py:792) 10",
         "RequestHandler.start (aiohttp/web_protocol.py:686);StreamWriter.__init__ (aiohttp/http_writer.py:79) 30",
-        f"{WORKER};OnnxModel.run (batcher/model.py:120) 180",
+        f"{WORKER};OnnxModel.run (batcher/model/session.py:120) 180",
         f"{WORKER};pad_batch (batcher/worker.py:60) 20",
         "Thread._bootstrap (threading.py:1002);Worker._serve (batcher/worker.py:140) 5",
         "garbage without a count",

@@ -9,8 +9,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from batcher.errors import QueueFull
+from batcher.model.tokenization import Text
 from batcher.queue import BatchLimits, Pending, RequestQueue, padded_tokens, take_batch
-from batcher.tokenization import Text
 
 
 @pytest.fixture

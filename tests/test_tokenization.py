@@ -8,9 +8,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from batcher.dialogue import char_budget, dialogue_text
 from batcher.errors import BundleError
-from batcher.tokenization import TextEncoder
+from batcher.model.dialogue import char_budget, dialogue_text
+from batcher.model.formats import TextEncoder
 from tests.tiny_model import build_tokenizer
 
 
@@ -60,7 +60,7 @@ SPLITS = Path(__file__).resolve().parent.parent / "data" / "intents"
 
 
 def tokenizer_ids(encoder: TextEncoder, text: str) -> list[int]:
-    return list(encoder._tokenizer.encode(text).ids)
+    return encoder.tokens.tokenizer_ids(text)
 
 
 def test_the_shortcut_gives_the_tokenizers_ids_on_every_corpus_dialogue() -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from batcher.tokenization import Encoded
+from batcher.model.tokenization import Encoded
 from batcher.worker import pad_batch, softmax
 from tests.conftest import FakeModel, MakeBatcher, row
 
@@ -33,7 +33,7 @@ def test_softmax_rows_sum_to_one() -> None:
 HUNG_RUN = """
 import asyncio, threading
 from batcher.queue import Pending
-from batcher.tokenization import Encoded, Text
+from batcher.model.tokenization import Encoded, Text
 from batcher.worker import Worker
 
 class Hangs:

@@ -109,10 +109,20 @@ def build_graph(
     return model
 
 
-def build_bundle(directory: Path, *, labels: list[str] | None = None, hidden: int = 16) -> Path:
-    """Write model.onnx, tokenizer.json and labels.json into `directory` and return it."""
+BUNDLED_FORMAT = json.loads((Path(__file__).parents[1] / "models" / "intent-zh" / "batcher.json").read_text("utf-8"))
+"""The bundled model's declared format (its dialogue template), which the tiny bundle copies."""
+
+
+def build_bundle(
+    directory: Path, *, labels: list[str] | None = None, hidden: int = 16, declared: dict[str, object] | None = None
+) -> Path:
+    """Write model.onnx, tokenizer.json, labels.json and batcher.json (`declared`, default
+    the bundled model's dialogue format) into `directory` and return it."""
     labels = labels or LABELS
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "batcher.json").write_text(
+        json.dumps(BUNDLED_FORMAT if declared is None else declared, ensure_ascii=False), encoding="utf-8"
+    )
     tokenizer = build_tokenizer()
     tokenizer.save(str(directory / "tokenizer.json"))
     graph = build_graph(tokenizer.get_vocab_size(), len(labels), hidden=hidden)

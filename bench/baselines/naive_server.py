@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel
 from tokenizers import Tokenizer
 
-from batcher.dialogue import char_budget, dialogue_text  # the same model text as batcher builds
+from batcher.model.dialogue import char_budget, dialogue_text  # the same model text as batcher builds
 
 
 class Turn(BaseModel):

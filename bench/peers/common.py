@@ -1,5 +1,5 @@
 """What every peer does per batch, exactly as batcher does it: dialogue text from
-batcher.dialogue (the repository's: it needs nothing beyond the standard library; run the
+batcher.model.dialogue (the repository's: it needs nothing beyond the standard library; run the
 peers with `python -m bench.peers.NAME` from the repository root), the bundle's tokenizer
 truncating from the left at 128 tokens, padding to the batch's longest row, one ONNX
 Runtime run, a softmax. Or, with INSTANT=1, no model at all (fixed logits) for the
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from batcher.dialogue import char_budget, dialogue_text
+from batcher.model.dialogue import char_budget, dialogue_text
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_SEQ_LEN = 128

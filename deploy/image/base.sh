@@ -10,6 +10,10 @@ if $runtime image exists "$image" 2>/dev/null; then
   echo "base image $image already exists"
   exit 0
 fi
+if ! command -v debootstrap >/dev/null; then
+  echo "base.sh needs debootstrap: sudo apt-get install debootstrap (or BASE=python:3.11-slim make image, with a registry)" >&2
+  exit 1
+fi
 mirror=$(sed -n 's/^URIs: *//p' /etc/apt/sources.list.d/debian.sources 2>/dev/null | head -n 1)
 mirror=${mirror:-http://deb.debian.org/debian}
 root=$(mktemp -d)

@@ -1,10 +1,11 @@
-"""How dialogue turns become the one text the model reads.
+"""How dialogue turns become the one text a dialogue model reads (input format `dialogue`).
 
 The single source of truth for both serving and training: `scripts/train.py` imports
-`dialogue_text`, so the model is trained on exactly the text the server builds.
-Turns are joined oldest first, each prefixed by a speaker marker, separated by [SEP];
-over-long dialogues keep their end (the most recent turns, and the last turn whole
-when it fits), because the intent lives in the latest user turn.
+`dialogue_text`, so the bundled model is trained on exactly the text the server builds.
+Turns are joined oldest first, each prefixed by a speaker marker, separated by the
+template's separator (the bundled model's: `用户：`, `助手：` and [SEP], declared in its
+bundle's batcher.json); over-long dialogues keep their end (the most recent turns, and the
+last turn whole when it fits), because the intent lives in the latest user turn.
 
 "Blank" has one definition, used by the request schema and here: a text is blank when
 nothing is left once whitespace (Python's and JSON Schema's) and invisible control and
@@ -68,28 +69,58 @@ def _neutralise(match: re.Match[str]) -> str:
     return f"({token})" if token else f"{speaker}:"
 
 
+def is_user(speaker: str) -> bool:
+    """`user` speaks as the user; every other speaker (assistant, bot, system) as the other side."""
+    return speaker.strip().lower() == "user"
+
+
 def speaker_marker(speaker: str) -> str:
-    """`user` speaks as the user; every other speaker (assistant, bot, system) as the assistant."""
-    return USER_MARKER if speaker.strip().lower() == "user" else OTHER_MARKER
+    return USER_MARKER if is_user(speaker) else OTHER_MARKER
 
 
-def dialogue_text(turns: Iterable[tuple[str, str]], max_chars: int) -> str:
+def last_user_text(turns: Iterable[tuple[str, str]]) -> str:
+    """The text of the last user turn that is not blank (of the last such turn when no user
+    speaks), as given."""
+    last = ""
+    for speaker, text in reversed(list(turns)):
+        if is_blank(text):
+            continue
+        if is_user(speaker):
+            return text
+        last = last or text
+    return last
+
+
+def dialogue_text(
+    turns: Iterable[tuple[str, str]],
+    max_chars: int,
+    *,
+    user_marker: str = USER_MARKER,
+    other_marker: str = OTHER_MARKER,
+    separator: str = SEPARATOR,
+    rewrite: bool = True,
+    keep_end: bool = True,
+) -> str:
     """Join `(speaker, text)` turns into model text of at most `max_chars` characters,
-    dropping blank turns and cutting from the start when too long."""
+    dropping blank turns (each text `clean`ed when `rewrite`) and cutting from the start
+    when too long (from the end unless `keep_end`). The defaults are the bundled model's
+    template."""
     pieces = []
     for speaker, raw in turns:
-        text = clean(raw)
+        text = clean(raw) if rewrite else ("" if is_blank(raw) else raw)  # clean gives "" for blank
         if text:
-            pieces.append(speaker_marker(speaker) + text)
+            pieces.append((user_marker if is_user(speaker) else other_marker) + text)
+    if not keep_end:
+        return separator.join(pieces)[:max_chars]
     kept: list[str] = []
     budget = max_chars
     for piece in reversed(pieces):
-        cost = len(piece) + (len(SEPARATOR) if kept else 0)
+        cost = len(piece) + (len(separator) if kept else 0)
         if cost > budget:
-            room = budget - (len(SEPARATOR) if kept else 0)
+            room = budget - (len(separator) if kept else 0)
             if room > 0:
                 kept.append(piece[-room:])
             break
         kept.append(piece)
         budget -= cost
-    return SEPARATOR.join(reversed(kept))
+    return separator.join(reversed(kept))
