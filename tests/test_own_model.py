@@ -12,6 +12,8 @@ import io
 import json
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -352,3 +354,14 @@ def test_check_on_the_bundled_model_shows_its_dialogue_template() -> None:
     report = out.getvalue()
     assert "dialogue (all turns, markers '用户：'/'助手：', separator '[SEP]', cleaned)" in report
     assert "text      '用户：你好'\ntokens    7: [CLS] 用 户 ： 你 好 [SEP]\n" in report  # its batcher.json sample
+
+
+@pytest.mark.parametrize(("name", "message"), [("vocab-too-large", "embedding table"), ("two-outputs", "output.name")])
+def test_serve_refuses_a_bundle_that_cannot_work_with_exit_2_and_one_line(
+    name: str, message: str, zoo_dir: Path
+) -> None:
+    command = [sys.executable, "app.py", "serve", str(zoo_dir / name), "--port", "0"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "Traceback" not in done.stderr + done.stdout
+    assert len([line for line in done.stderr.splitlines() if line.startswith("batcher")]) == 1
