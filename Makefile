@@ -33,7 +33,7 @@ $(VENV)/.bench: bench/requirements.txt loadtest/requirements.txt $(VENV)/.runtim
 	.venv-peers/$*/bin/python -m pip install --quiet --disable-pip-version-check -r $<
 	touch $@
 
-bench-peers-setup: .venv-peers/mosec/.installed .venv-peers/pytriton/.installed  ## mosec and PyTriton for make bench (~1 GB)
+bench-peers-setup: .venv-peers/mosec/.installed .venv-peers/pytriton/.installed .venv-peers/infinity/.installed  ## mosec, PyTriton and Infinity for make bench (~2.5 GB)
 
 run: $(VENV)/.runtime  ## serve the configured model on port 8000 (ARGS="--set batching.max_wait_s=0.001")
 	$(PY) app.py $(ARGS)
@@ -63,7 +63,7 @@ train: $(VENV)/.train  ## rebuild models/intent-zh: fine-tune the e5 teacher, di
 evaluate: $(VENV)/.train  ## test-split and real-utterance figures and speed of models/intent-zh, into its model card
 	$(PY) scripts/evaluate.py
 
-bench: $(VENV)/.bench bench-peers-setup  ## the full benchmark with mosec and PyTriton (~30 min): BENCHMARKS.md, bench/results/
+bench: $(VENV)/.bench bench-peers-setup  ## the full benchmark with mosec, PyTriton and Infinity (~35 min): BENCHMARKS.md, bench/results/
 	$(PY) -m bench $(ARGS)
 
 loadtest: $(VENV)/.bench  ## load a running server: make loadtest ARGS="run --concurrency 64"

@@ -7,10 +7,13 @@ When a run finishes the loop first wakes the batcher (so the next batch is hande
 before anything else) and then settles the run's futures: each is resolved with its
 `Prediction` or failed with an `HTTPError`.
 
-Deadlines: every request gets the same timeout, so deadlines fall in admission order and
-one timer serves them all: it fires at the oldest unanswered request's deadline, answers
-504 to every request whose deadline has passed, and is set again for the next (no timer
-per request to make and cancel).
+Deadlines: a request's deadline is the server's timeout, or the client's own when sooner
+(batcher/promises.py). One timer serves them all, over a heap of deadlines: it fires at the
+earliest unanswered request's deadline, answers 504 to every request whose deadline has
+passed, and is set again for the next (no timer per request to make and cancel). A request
+that the model's measured pace says cannot be answered in time is refused at admission
+(429 `predicted_late`); one whose deadline would pass during its run is not computed.
+Refusals carry `Retry-After` computed from the time the queue takes to drain.
 
 After a failed run the batcher reports itself unready (a load balancer stops sending) and
 probes the model with a warm-up row until a run succeeds again, so readiness comes back
@@ -20,10 +23,11 @@ without traffic.
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
 import math
 import time
-from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,11 +41,14 @@ from batcher.errors import (
     ModelFailed,
     NotReady,
     PayloadTooLarge,
+    PredictedLate,
+    QueueFull,
     ValidationFailed,
 )
 from batcher.metrics import ModelMetrics
 from batcher.model.tokenization import UNREADABLE, Text
 from batcher.policy import NOW, QueueState, WaitPolicy
+from batcher.promises import PLAIN, Pace, Promise, retry_headers
 from batcher.queue import BatchLimits, Pending, RequestQueue
 from batcher.worker import Model, RunResult, Worker
 
@@ -83,8 +90,10 @@ class Batcher:
         self._queue = RequestQueue(settings.max_queue_size)
         self._policy = WaitPolicy(max_wait_s=settings.max_wait_s, instances=worker.instances)
         self._timeout_s = settings.request_timeout_s
+        self._pace = Pace(worker.instances)
         self._running: dict[int, list[Pending]] = {}  # id(batch) -> batch handed to the worker
-        self._deadlines: deque[Pending] = deque()  # admitted, oldest (earliest deadline) first
+        self._deadlines: list[tuple[float, int, Pending]] = []  # heap: admitted, earliest deadline first
+        self._admissions = itertools.count()  # tie-breaks equal deadlines in the heap
         self._deadline_timer: asyncio.TimerHandle | None = None
         self._waker: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
@@ -128,30 +137,47 @@ class Batcher:
         self._task = self._loop.create_task(self._supervise(), name="batcher")
         self.accepting = True
 
-    def check_admission(self, rows: int = 1) -> None:
-        """Refuse (429) before any parsing when the queue cannot take `rows` more: under
-        overload the refusal must cost the loop as little as possible."""
+    def check_admission(self, rows: int = 1, priority: int = 1) -> None:
+        """Refuse (429) before any parsing when the queue cannot take `rows` more of
+        `priority`: under overload the refusal must cost the loop as little as possible."""
         try:
-            self._queue.check_room(rows)
-        except HTTPError:
+            self._queue.check_room(rows, priority)
+        except QueueFull as refused:
             self._metrics.rejected["queue_full"].inc()
+            self._metrics.refused_by_priority[priority].inc(rows)
+            refused.headers = self.retry_after()
             raise
 
-    def submit(self, text: Text) -> asyncio.Future[Prediction]:
-        """Admit one request; its future resolves to a Prediction or fails with an HTTPError."""
-        self._check_open()
-        self.check_admission()
-        return self._admit(text)
+    def retry_after(self) -> dict[str, str]:
+        """When a refused client may come back: the time the queue takes to drain at the
+        model's measured pace (1 s while it is unknown)."""
+        drain = self._pace.drain_s(len(self._queue)) if self._pace.known else 1.0
+        return retry_headers(drain)
 
-    def submit_all(self, rows: list[Text]) -> list[asyncio.Future[Prediction]]:
+    @property
+    def pace(self) -> Pace:
+        return self._pace
+
+    def submit(self, text: Text, promise: Promise = PLAIN, started: float | None = None) -> asyncio.Future[Prediction]:
+        """Admit one request; its future resolves to a Prediction or fails with an HTTPError.
+        `started`: perf_counter() when the request arrived, where a client deadline counts from."""
+        self._check_open()
+        self.check_admission(1, promise.priority)
+        return self._admit(text, promise, started)
+
+    def submit_all(
+        self, rows: list[Text], promise: Promise = PLAIN, started: float | None = None
+    ) -> list[asyncio.Future[Prediction]]:
         """Admit every row or none: 413 when they could never fit in the queue, 429 when
-        they do not fit now."""
+        they do not fit now (or, with a deadline, cannot be answered in time)."""
         limit = self._queue.max_size
         if len(rows) > limit:
             raise PayloadTooLarge(f"items: {len(rows)} items can never fit in the queue (max_queue_size {limit})")
         self._check_open()
-        self.check_admission(len(rows))
-        return [self._admit(row) for row in rows]
+        self.check_admission(len(rows), promise.priority)
+        if promise.deadline_s is not None:
+            self._check_in_time(promise, started, len(rows))
+        return [self._admit(row, promise, started, checked=True) for row in rows]
 
     def _check_open(self) -> None:
         if not self.accepting:
@@ -160,17 +186,50 @@ class Batcher:
             self._metrics.rejected["not_ready"].inc()
             raise NotReady("the batcher is not running")
 
-    def _admit(self, text: Text) -> asyncio.Future[Prediction]:
+    def _deadline(self, promise: Promise, started: float | None, now: float) -> float:
+        """The loop time by which the request must be answered: the server's timeout from
+        admission, or the client's own from its arrival when sooner."""
+        deadline = now + self._timeout_s
+        if promise.deadline_s is not None:
+            arrived = now - (time.perf_counter() - started) if started is not None else now
+            deadline = min(deadline, arrived + promise.deadline_s)
+        return deadline
+
+    def _check_in_time(self, promise: Promise, started: float | None, rows: int = 1) -> None:
+        """429 predicted_late when the rows queued ahead and the model's pace say the
+        request's own deadline cannot be met."""
+        now = self._loop.time()
+        wait = self._pace.wait_s(self._queue.ahead(promise.priority) + rows - 1)  # 0 until measured
+        deadline = self._deadline(promise, started, now)
+        if deadline <= now or now + wait > deadline:
+            self._metrics.rejected["predicted_late"].inc(rows)
+            self._metrics.refused_by_priority[promise.priority].inc(rows)
+            raise PredictedLate(
+                f"predicted wait {wait * 1000:.0f} ms is past the request's deadline "
+                f"({promise.deadline_s * 1000 if promise.deadline_s else 0:.0f} ms); retry later",
+                headers=self.retry_after(),
+            )
+
+    def _admit(
+        self, text: Text, promise: Promise = PLAIN, started: float | None = None, *, checked: bool = False
+    ) -> asyncio.Future[Prediction]:
         loop = self._loop
         now = loop.time()
-        entry = Pending(text, now, now + self._timeout_s, loop.create_future(), time.perf_counter())
+        if promise.deadline_s is not None and not checked:
+            self._check_in_time(promise, started)
+        deadline = self._deadline(promise, started, now) if promise is not PLAIN else now + self._timeout_s
+        entry = Pending(text, now, deadline, loop.create_future(), time.perf_counter(), promise.priority)
         self._queue.push(entry)  # fits: checked just above, on this same thread
+        self._metrics.admitted_by_priority[promise.priority].inc()
         deadlines = self._deadlines
-        while deadlines and deadlines[0].future.done():
-            deadlines.popleft()
-        deadlines.append(entry)
-        if self._deadline_timer is None:
-            self._deadline_timer = loop.call_at(deadlines[0].deadline, self._expire_due)
+        while deadlines and deadlines[0][2].future.done():
+            heapq.heappop(deadlines)
+        heapq.heappush(deadlines, (deadline, next(self._admissions), entry))
+        timer = self._deadline_timer
+        if timer is None or timer.when() > deadlines[0][0]:
+            if timer is not None:
+                timer.cancel()
+            self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_due)
         self._policy.arrived(now)
         self._metrics.queue_depth.set(len(self._queue))
         self._wake()
@@ -241,7 +300,9 @@ class Batcher:
 
     def _dispatch(self, now: float) -> None:
         self._policy.formed(len(self._queue))
-        selection = self._queue.take(self._limits, now)
+        # A request whose deadline would pass during the run is not computed (504 now); an
+        # idle model runs what it has, whatever a stale pace says.
+        selection = self._queue.take(self._limits, now + (self._pace.run_s if self._running else 0.0))
         for entry in selection.dropped:
             if entry.future.cancelled():
                 self._metrics.rejected["disconnected"].inc()
@@ -298,6 +359,7 @@ class Batcher:
         metrics.inference.observe(seconds)
         metrics.model_busy.inc(seconds)
         metrics.batch_size.observe(len(run.rows))
+        self._pace.ran(len(run.rows), seconds)
         metrics.padding_ratio.observe(1 - run.real_tokens / run.padded_tokens)
         metrics.real_tokens.inc(run.real_tokens)
         metrics.padding_tokens.inc(run.padded_tokens - run.real_tokens)
@@ -307,6 +369,7 @@ class Batcher:
             entry = batch[index]
             queue_s = max(0.0, run.started - entry.admitted)
             metrics.queue_wait.observe(queue_s)
+            metrics.queue_wait_by_priority[entry.priority].observe(queue_s)
             if entry.future.done():
                 continue
             intent = best[position]
@@ -362,12 +425,12 @@ class Batcher:
         loop = asyncio.get_running_loop()
         now = loop.time()
         deadlines = self._deadlines
-        while deadlines and (deadlines[0].future.done() or deadlines[0].deadline <= now):
-            entry = deadlines.popleft()
+        while deadlines and (deadlines[0][2].future.done() or deadlines[0][0] <= now):
+            entry = heapq.heappop(deadlines)[2]
             if not entry.future.done():
                 self._metrics.rejected["deadline"].inc()
                 entry.future.set_exception(DeadlineExceeded())
-        self._deadline_timer = loop.call_at(deadlines[0].deadline, self._expire_due) if deadlines else None
+        self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_due) if deadlines else None
 
     def _fail_queued(self, error: HTTPError) -> None:
         for entry in self._queue.take_all():

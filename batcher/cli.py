@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import logging.handlers
 import os
 import re
 import sys
@@ -28,6 +27,7 @@ from batcher.application import install_log_filters
 from batcher.check import run_check
 from batcher.config import Settings, load_settings
 from batcher.errors import StartupError
+from batcher.prediction_log import PredictionLogHandler
 from batcher.server import serve
 from batcher.supervisor import supervise
 
@@ -168,7 +168,11 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "batcher") -> int:
     if args.command == "check":
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return run_check(settings, sys.stdout, text=args.text)
-    configure_logging(settings, worker=None)
+    try:
+        configure_logging(settings, worker=None)
+    except OSError as exc:  # the prediction log's file
+        print(f"batcher: cannot open log.predictions_file: {exc}", file=sys.stderr)
+        return 2
     if settings.server.workers > 1:
         return supervise(settings, run_worker)
     return run_worker(settings, 0, False)
@@ -209,8 +213,9 @@ def configure_logging(settings: Settings, *, worker: int | None) -> None:
     predictions = logging.getLogger("batcher.predictions")
     predictions.setLevel(logging.INFO)  # sampled by log.predictions, whatever server.log_level says
     if settings.log.predictions_file:
-        # JSON lines only, reopened when logrotate moves the file; not in the server's log.
-        handler = logging.handlers.WatchedFileHandler(settings.resolve(settings.log.predictions_file), encoding="utf-8")
+        # JSON lines only, reopened when logrotate moves the file; not in the server's log. A
+        # line it cannot write is dropped and counted, with one warning (batcher/prediction_log.py).
+        handler = PredictionLogHandler(settings.resolve(settings.log.predictions_file))
         handler.setFormatter(logging.Formatter("%(message)s"))
         predictions.handlers[:] = [handler]
         predictions.propagate = False

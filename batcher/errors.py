@@ -125,6 +125,12 @@ class QueueFull(HTTPError):
     default_message = "server is at capacity; retry later"
 
 
+class PredictedLate(HTTPError):
+    status = 429
+    type = "predicted_late"
+    default_message = "this request cannot be answered within its deadline; retry later"
+
+
 class NotReady(HTTPError):
     status = 503
     type = "not_ready"

@@ -47,6 +47,7 @@ from aiohttp.http import SERVER_SOFTWARE
 from aiohttp.tcp_helpers import tcp_keepalive
 
 from batcher.auth import authorize
+from batcher.errors import HTTPError
 from batcher.handlers import (
     ACCESS,
     LARGE_BODY_BYTES,
@@ -54,6 +55,7 @@ from batcher.handlers import (
     MODELS,
     SETTINGS,
     Query,
+    door,
     finish_prediction,
     parsed,
     start_prediction,
@@ -76,6 +78,8 @@ PLAIN_HEADERS = frozenset(
         b"connection",
         b"x-request-id",
         b"authorization",
+        b"x-priority",
+        b"x-deadline-ms",
         # What proxies, ingresses and tracers add; neither lane reads them.
         b"accept-language",
         b"cache-control",
@@ -101,8 +105,12 @@ ANSWERS_PER_CALLBACK = 64
 next round (call_soon), after what the other connections have to do."""
 _CLOSE = "Connection: close\r\n"
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
-Plain = tuple[int, bytes, str, str | None]
-"""A plain request: where it ends in the buffer, its body, its x-request-id and Authorization."""
+Plain = tuple[int, bytes, str, str | None, str | None, str | None, bool]
+"""A plain request: where it ends in the buffer, its body, its x-request-id, Authorization,
+x-priority and x-deadline-ms, and whether a proxy says it forwards it (Forwarded,
+X-Forwarded-For)."""
+EARLY_RETRY_HOLD_S = 1.0
+"""The longest a 429 is held back from a connection that came back before its Retry-After."""
 
 
 class Lane:
@@ -142,7 +150,7 @@ class Lane:
         lines = block.split(b"\r\n") if block else []
         if len(lines) > self.max_headers or not _HEADER_LINES.fullmatch(block):
             return None
-        length, request_id, authorization = -1, "", None
+        length, request_id, authorization, priority, deadline, forwarded = -1, "", None, None, None, False
         seen: set[bytes] = set()
         for line in lines:
             name, colon, value = line.partition(b":")
@@ -159,12 +167,18 @@ class Lane:
                 request_id = value.decode("ascii")
             elif name == b"authorization":
                 authorization = value.decode("ascii")
+            elif name == b"x-priority":
+                priority = value.decode("ascii")
+            elif name == b"x-deadline-ms":
+                deadline = value.decode("ascii")
+            elif name == b"x-forwarded-for" or name == b"forwarded":
+                forwarded = True
             elif name == b"connection" and value.lower() != b"keep-alive":
                 return None
         end = head_end + 4 + length
         if not 0 <= length <= self.max_body or len(buffer) < end or b"host" not in seen:
             return None
-        return end, bytes(buffer[head_end + 4 : end]), request_id, authorization
+        return end, bytes(buffer[head_end + 4 : end]), request_id, authorization, priority, deadline, forwarded
 
     def opened(self, connection: Connection) -> None:
         self.connections.add(connection)
@@ -211,10 +225,12 @@ class Connection(asyncio.Protocol):
     __slots__ = (
         "buffer",
         "closing",
+        "forwarded",
         "idle_since",
         "lane",
         "offset",
         "read_paused",
+        "refused_until",
         "resuming",
         "transport",
         "waiting",
@@ -233,6 +249,9 @@ class Connection(asyncio.Protocol):
         self.resuming: asyncio.Handle | None = None
         """The next round of a buffer that had more requests than one callback takes."""
         self.idle_since = 0.0
+        self.refused_until = 0.0
+        """Loop time before which this connection's client was told not to come back (429)."""
+        self.forwarded = False
         self.closing = False
         self.write_paused = False
         self.read_paused = False
@@ -299,10 +318,11 @@ class Connection(asyncio.Protocol):
             if plain is None:
                 self.hand_over()
                 return
-            end, body, request_id, authorization = plain
+            end, body, request_id, authorization, priority, deadline, forwarded = plain
             self.offset = end
             taken += 1
-            self.handle(body, request_id_for(request_id), authorization)
+            self.forwarded = forwarded
+            self.handle(body, request_id_for(request_id), authorization, priority, deadline)
         if self.read_paused and self.transport is not None and len(buffer) - self.offset <= BUFFER_LIMIT:
             self.read_paused = False
             self.transport.resume_reading()
@@ -328,15 +348,18 @@ class Connection(asyncio.Protocol):
             handler.pause_writing()
         handler.data_received(buffer)
 
-    def handle(self, body: bytes, request_id: str, authorization: str | None) -> None:
+    def handle(
+        self, body: bytes, request_id: str, authorization: str | None, priority: str | None, deadline: str | None
+    ) -> None:
         """The middleware's and handlers.predict's work, up to the batcher."""
         lane = self.lane
         started = perf_counter()
         try:
             if lane.tokens:
                 authorize(lane.tokens, authorization)
-            lane.models.get().batcher.check_admission()  # 429 before any parsing
-            runtime, request, waiting = start_prediction(lane.models, None, parsed(body, lane.server, batch=False))
+            lane.models.get().batcher.check_admission(1, door(priority))  # 429 before any parsing
+            data = parsed(body, lane.server, batch=False)
+            runtime, request, waiting = start_prediction(lane.models, None, data, priority, deadline, started)
         except Exception as exc:
             self.fail(exc, request_id, started)
             return
@@ -364,7 +387,38 @@ class Connection(asyncio.Protocol):
     def fail(self, exc: Exception, request_id: str, started: float) -> None:
         lane = self.lane
         error = answer_for(exc, lane.metrics, lane.models.default, "POST", ROUTE)
+        if error.status == 429:
+            now = lane.loop.time()
+            held = 0.0 if self.forwarded else max(0.0, self.refused_until - now)
+            retry_ms = error.headers.get("x-retry-after-ms")
+            retry_s = min(int(retry_ms) / 1000 if retry_ms else 1.0, EARLY_RETRY_HOLD_S)
+            self.refused_until = now + held + retry_s  # counted from when this 429 is written
+            if held:
+                self.hold(error, request_id, started, held)
+                return
         self.reply(error.status, orjson.dumps(error.body()), error.headers, request_id, started, close=error.close)
+
+    def hold(self, error: HTTPError, request_id: str, started: float, seconds: float) -> None:
+        """A client that came back before its Retry-After gets its 429 only then: a retry
+        storm's refusals cost the loop (and the model threads under it) a refusal per
+        Retry-After per connection, not as many as the clients can send. Clients that wait
+        as told, and requests a proxy forwards (its clients share a connection), are not
+        held."""
+        lane = self.lane
+        waiting: asyncio.Future[None] = lane.loop.create_future()
+        self.waiting = waiting
+        lane.metrics.for_model(lane.models.default).held_refusals.inc()
+        timer = lane.loop.call_later(seconds, waiting.set_result, None)
+
+        def release(future: asyncio.Future[None]) -> None:
+            timer.cancel()
+            self.waiting = None
+            if self.transport is None or future.cancelled():
+                return  # the client hung up meanwhile
+            self.reply(error.status, orjson.dumps(error.body()), error.headers, request_id, started)
+            self.serve(taken=1)
+
+        waiting.add_done_callback(release)
 
     def reply(
         self,

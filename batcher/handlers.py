@@ -48,6 +48,7 @@ from batcher.errors import (
 from batcher.metrics import CONTENT_TYPE, Metrics
 from batcher.model.heads import Function
 from batcher.model.tokenization import Text
+from batcher.promises import NORMAL, PLAIN, Promise, priority_of, promise_of
 from batcher.runtime import Models, Runtime
 from batcher.schemas import InputsRequest, PredictRequest, TextRequest, validate
 
@@ -68,6 +69,10 @@ predictions_log = logging.getLogger("batcher.predictions")
 LARGE_BODY_BYTES = 64 * 1024
 TIMING_HEADERS = ("x-queue-time-ms", "x-inference-time-ms", "x-batch-size")
 MODEL_VERSION = "x-model-version"
+PRIORITY = "x-priority"
+"""A request's priority (high, normal, low): batcher/promises.py."""
+DEADLINE = "x-deadline-ms"
+"""A request's own deadline, in milliseconds from its arrival: batcher/promises.py."""
 
 
 def json_response(data: Any, *, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -131,25 +136,40 @@ async def predict(request: web.Request) -> web.Response:
     name = request.match_info.get("name")
     app = request.app
     models, settings = app[MODELS], app[SETTINGS]
-    models.get(name).batcher.check_admission()  # 429 before any parsing
+    priority, deadline = request.headers.get(PRIORITY), request.headers.get(DEADLINE)
+    models.get(name).batcher.check_admission(1, door(priority))  # 429 before any parsing
     data = await read_json(request, settings.server, batch=False)
-    runtime, body, waiting = start_prediction(models, name, data)
+    runtime, body, waiting = start_prediction(models, name, data, priority, deadline, request[STARTED])
     outcome = await waiting  # cancelling this handler cancels it
     result, headers = finish_prediction(settings.log, request[REQUEST_ID], runtime, body, outcome, request[STARTED])
     return json_response(result, headers=headers)
 
 
-def start_prediction(models: Models, name: str | None, data: Any) -> tuple[Runtime, Query, asyncio.Future[Any]]:
+def door(priority: str | None) -> int:
+    """The priority a request's header gives, for the check at the door (before its body)."""
+    return NORMAL if priority is None else priority_of(priority)
+
+
+def start_prediction(
+    models: Models,
+    name: str | None,
+    data: Any,
+    priority: str | None = None,
+    deadline: str | None = None,
+    started: float | None = None,
+) -> tuple[Runtime, Query, asyncio.Future[Any]]:
     """A parsed /predict body admitted: its model's runtime (taken here, after the last await
     before admission: see the module's docstring), the validated request, and its pending
     prediction (the batcher's future; with the cache or several inputs, a task giving a
-    list)."""
+    list). `priority` and `deadline`: the x-priority and x-deadline-ms headers' values;
+    `started`: when the request arrived (a client deadline counts from it)."""
     runtime = models.get(name)
     body = query(data)
+    promise = promise_of(priority, deadline, body.priority, body.deadline_ms)
     rows = encode(runtime, body)
     if runtime.cache is None and len(rows) == 1:
-        return runtime, body, runtime.batcher.submit(rows[0])
-    return runtime, body, asyncio.ensure_future(predict_rows(runtime, rows))
+        return runtime, body, runtime.batcher.submit(rows[0], promise, started)
+    return runtime, body, asyncio.ensure_future(predict_rows(runtime, rows, promise, started))
 
 
 def query(data: Any) -> Query:
@@ -200,7 +220,10 @@ async def predict_batch(request: web.Request) -> web.Response:
     if not isinstance(data, dict) or not isinstance(data.get("items"), list) or not data["items"]:
         raise ValidationFailed("items: expected a non-empty list of dialogues or texts")
     items = [item(entry, f"items.{index}.") for index, entry in enumerate(data["items"])]
-    predictions = await predict_rows(runtime, [row for entry in items for row in encode(runtime, entry)])
+    headers = request.headers
+    promise = promise_of(headers.get(PRIORITY), headers.get(DEADLINE), data.get("priority"), data.get("deadline_ms"))
+    rows = [row for entry in items for row in encode(runtime, entry)]
+    predictions = await predict_rows(runtime, rows, promise, request[STARTED])
     log_predictions(request.app[SETTINGS].log, request[REQUEST_ID], runtime, items, predictions)
     started = request[STARTED]
     results = [render(runtime, entry, p, started) for entry, p in zip(items, predictions, strict=True)]
@@ -224,19 +247,23 @@ async def reload(request: web.Request) -> web.Response:
     return json_response(result)
 
 
-async def predict_rows(runtime: Runtime, rows: list[Text]) -> list[Prediction]:
+async def predict_rows(
+    runtime: Runtime, rows: list[Text], promise: Promise = PLAIN, started: float | None = None
+) -> list[Prediction]:
     """Each row's prediction, from the cache or a model run; rows to compute are admitted
     together or not at all (429/413)."""
     cache = runtime.cache
+    batcher = runtime.batcher
     if cache is None:
-        futures = [runtime.batcher.submit(rows[0])] if len(rows) == 1 else runtime.batcher.submit_all(rows)
-        return await gathered(futures)
+        if len(rows) == 1:
+            return await gathered([batcher.submit(rows[0], promise, started)])
+        return await gathered(batcher.submit_all(rows, promise, started))
     keys = [row.key for row in rows]  # what the model reads: equal inputs, equal answers
     found: list[Prediction | None] = [cache.get(key) for key in keys]
     missing = [index for index, hit in enumerate(found) if hit is None]
     runtime.metrics.cache_hits.inc(len(rows) - len(missing))
     runtime.metrics.cache_misses.inc(len(missing))
-    computed = await gathered(runtime.batcher.submit_all([rows[index] for index in missing])) if missing else []
+    computed = await gathered(batcher.submit_all([rows[i] for i in missing], promise, started)) if missing else []
     for index, prediction in zip(missing, computed, strict=True):
         cache.put(keys[index], prediction)
         found[index] = prediction

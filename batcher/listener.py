@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import logging
+import os
+import resource
 import socket
 import struct
 
@@ -30,6 +33,7 @@ _DROP_NEW_CONNECTIONS = (
     (0x06, 0, 0, 0xFFFFFFFF),  # ret: keep the whole segment
 )
 SO_ATTACH_FILTER = getattr(socket, "SO_ATTACH_FILTER", 26)
+RELIEVED_SHARE = 0.9  # the open-file limit is "no longer reached" below this share of it
 _TCP_INFO_BACKLOG = 24  # struct tcp_info: tcpi_unacked, the accept queue's length on a listener
 
 
@@ -91,3 +95,47 @@ async def empty_backlog(
         if not filtered or not backlog(sock):
             return backlog(sock)
     return backlog(sock)
+
+
+async def watch_open_files(sock: socket.socket, *, every_s: float = 1.0) -> None:
+    """Say in the log, once a spell, when the process has run out of file descriptors. Then
+    libuv (under uvloop) accepts each new connection and closes it at once, with a spare
+    descriptor it keeps for that: the loop neither spins on a listener it cannot empty nor
+    stops, and the connections already open are served, but nothing else would tell an
+    operator why new clients see their connection closed. Checked every `every_s`: a dup()
+    of the listening socket fails only while every descriptor is in use."""
+    reached = False
+    while True:
+        await asyncio.sleep(every_s)
+        limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if not reached:
+            error = _descriptor_error(sock)
+            if error is not None:
+                reached = True
+                log.warning(
+                    "out of file descriptors (%s; limit %d): new connections are closed as soon as they "
+                    "are accepted until some close; raise the limit (ulimit -n, LimitNOFILE) or add replicas",
+                    error,
+                    limit,
+                )
+        elif _descriptor_error(sock) is None and open_files() < RELIEVED_SHARE * limit:
+            reached = False
+            log.info("file descriptors: %d open of %d, new connections are served again", open_files(), limit)
+
+
+def _descriptor_error(sock: socket.socket) -> str | None:
+    """Why no descriptor can be opened now (EMFILE, ENFILE), or None when one can."""
+    try:
+        os.close(os.dup(sock.fileno()))
+    except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return exc.strerror or errno.errorcode[exc.errno]
+    return None
+
+
+def open_files() -> int:
+    """Descriptors this process has open (0 where /proc is not)."""
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # less the one listdir itself opened
+    except OSError:
+        return 0

@@ -64,7 +64,19 @@ ROUTES = (
     "other",
 )
 STATUSES = ("200", "400", "401", "403", "404", "405", "408", "413", "417", "422", "429", "500", "503", "504")
-REJECT_REASONS = ("queue_full", "deadline", "disconnected", "invalid", "model_error", "not_ready", "unauthorized")
+RELOAD_RESULTS = ("reloaded", "unchanged", "failed")
+REJECT_REASONS = (
+    "queue_full",
+    "predicted_late",
+    "deadline",
+    "disconnected",
+    "invalid",
+    "model_error",
+    "not_ready",
+    "unauthorized",
+)
+PRIORITY_NAMES = ("high", "normal", "low")
+"""batcher/promises.py's priorities, by index."""
 
 # Millisecond-scale latencies: 0.5 ms to 10 s.
 LATENCY_BUCKETS_S = (
@@ -137,6 +149,19 @@ class Metrics:
             "Time from admission to the start of the request's model run.",
             buckets=LATENCY_BUCKETS_S,
             labelnames=by_model,
+            registry=r,
+        )
+        self.priority_wait = Histogram(
+            "batcher_priority_queue_wait_seconds",
+            "Time from admission to the start of the request's model run, by the request's priority.",
+            buckets=LATENCY_BUCKETS_S,
+            labelnames=["model", "priority"],
+            registry=r,
+        )
+        self.priority_requests = Counter(
+            "batcher_priority_requests",
+            "Prediction rows admitted, or refused at the door (queue_full or predicted_late), by priority.",
+            ["model", "priority", "outcome"],
             registry=r,
         )
         self.inference = Histogram(
@@ -212,6 +237,12 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.held_refusals = Counter(
+            "batcher_held_refusals",
+            "429s held back until the Retry-After of a client that came back before it (a retry storm).",
+            labelnames=by_model,
+            registry=r,
+        )
         self.cache_requests = Counter(
             "batcher_cache_requests",
             "Predictions looked up in the response cache (cache.max_entries > 0), by result.",
@@ -224,6 +255,19 @@ class Metrics:
             "with several workers, 1 only when every live worker's is.",
             multiprocess_mode="livemin",
             labelnames=by_model,
+            registry=r,
+        )
+        self.model_reloads = Counter(
+            "batcher_model_reloads",
+            "Model reloads asked for by SIGHUP, by result: reloaded (a new version serves), unchanged, "
+            "or failed (the old version keeps serving; the log says why).",
+            ["model", "result"],
+            registry=r,
+        )
+        self.prediction_log_dropped = Counter(
+            "batcher_prediction_log_dropped",
+            "Prediction log lines (log.predictions) that could not be written to log.predictions_file "
+            "(disk full, file unwritable) and were dropped; the answers were not affected.",
             registry=r,
         )
         self.worker_restarts = Counter(
@@ -253,6 +297,8 @@ class Metrics:
             for route in PREDICT_ROUTES:
                 for status in STATUSES:
                     self.requests.labels(route, status, name)
+            for result in RELOAD_RESULTS:
+                self.model_reloads.labels(name, result)
         return self._models[name]
 
     def answered(self, route: str, status: int, seconds: float, model: str = "") -> None:
@@ -326,6 +372,10 @@ class ModelMetrics:
         self.model_instances = metrics.model_instances.labels(name)
         self.model_busy = metrics.model_busy.labels(name)
         self.rejected = {reason: metrics.rejected.labels(name, reason) for reason in REJECT_REASONS}
+        self.queue_wait_by_priority = [metrics.priority_wait.labels(name, p) for p in PRIORITY_NAMES]
+        self.admitted_by_priority = [metrics.priority_requests.labels(name, p, "admitted") for p in PRIORITY_NAMES]
+        self.refused_by_priority = [metrics.priority_requests.labels(name, p, "refused") for p in PRIORITY_NAMES]
+        self.held_refusals = metrics.held_refusals.labels(name)
         self.cache_hits = metrics.cache_requests.labels(name, "hit")
         self.cache_misses = metrics.cache_requests.labels(name, "miss")
 

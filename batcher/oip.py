@@ -24,17 +24,22 @@ from batcher import __version__
 from batcher.config import ServerSettings
 from batcher.errors import NotReady, PayloadTooLarge, Unhealthy, ValidationFailed, snippet
 from batcher.handlers import (
+    DEADLINE,
     MODEL_VERSION,
     MODELS,
+    PRIORITY,
     SETTINGS,
+    STARTED,
     Item,
     check_sizes,
+    door,
     encode,
     item,
     json_response,
     predict_rows,
     read_body,
 )
+from batcher.promises import promise_of
 
 TEXT = "text"
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -94,14 +99,16 @@ async def model_ready(request: web.Request) -> web.Response:
 
 async def infer(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    request.app[MODELS].get(name).batcher.check_admission()  # 429 before any parsing
+    priority, deadline = request.headers.get(PRIORITY), request.headers.get(DEADLINE)
+    request.app[MODELS].get(name).batcher.check_admission(1, door(priority))  # 429 before any parsing
     raw = await read_body(request, request.app[SETTINGS].server)
     header, binary = _split(raw, request.headers.get(HEADER_LENGTH))
     texts, request_id = _texts(header, binary, limit=request.app[SETTINGS].server.max_batch_items)
     runtime = request.app[MODELS].get(name)  # after the last await before admission (handlers' docstring)
     server = request.app[SETTINGS].server
     items = [_item(text, index, server) for index, text in enumerate(texts)]
-    predictions = await predict_rows(runtime, [row for body in items for row in encode(runtime, body)])
+    rows = [row for body in items for row in encode(runtime, body)]
+    predictions = await predict_rows(runtime, rows, promise_of(priority, deadline), request[STARTED])
     labels = runtime.labels
     answer: dict[str, Any] = {
         "model_name": runtime.name,

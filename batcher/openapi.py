@@ -24,6 +24,7 @@ from batcher.errors import (
     NotFound,
     NotReady,
     PayloadTooLarge,
+    PredictedLate,
     QueueFull,
     ReloadFailed,
     RequestTimeout,
@@ -42,6 +43,7 @@ _PREDICT_ERRORS: tuple[type[HTTPError], ...] = (
     PayloadTooLarge,
     ValidationFailed,
     QueueFull,
+    PredictedLate,
     ModelFailed,
     NotReady,
     Draining,
@@ -56,6 +58,25 @@ _REQUEST_ID = {
     "replaced, never refused: the response then carries a random 32-hex-digit id.",
     "schema": {"type": "string"},
 }
+_PROMISES = (
+    {
+        "name": "x-priority",
+        "in": "header",
+        "required": False,
+        "description": "high, normal (default) or low: higher goes first (none waits more than 1 s longer than "
+        "without priorities); low is refused first at the door under overload. The body's `priority` wins.",
+        "schema": {"type": "string", "enum": ["high", "normal", "low"]},
+    },
+    {
+        "name": "x-deadline-ms",
+        "in": "header",
+        "required": False,
+        "description": "The client's own deadline in ms from arrival (capped by batching.request_timeout_s). A "
+        "request predicted to miss it is refused at once (429 predicted_late, with Retry-After and "
+        "x-retry-after-ms); one never gets a late answer. The body's `deadline_ms` wins.",
+        "schema": {"type": "number", "minimum": 10, "maximum": 3_600_000},
+    },
+)
 
 
 Shapes = type[BaseModel] | tuple[type[BaseModel], ...]
@@ -106,6 +127,8 @@ def _operation(
     if body is not None:
         operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": _ref(body)}}}
         parameters.append(_REQUEST_ID)
+        if QueueFull in errors:  # the predict routes: what the batcher promises
+            parameters.extend(_PROMISES)
     if parameters:
         operation["parameters"] = parameters
     return operation

@@ -5,11 +5,17 @@ the pending deque: it drops the dead (client gone, deadline passed), always take
 oldest live request, stops at the row or padded-token budget, and groups similar lengths
 so short utterances are not padded to a long one's length when that padding would cost
 more than a second model run.
+
+The queue holds one FIFO a priority; "oldest" is by virtual time (arrival plus the
+priority's offset, batcher/promises.py), so a batch is taken from the heads of the FIFOs
+merged in that order.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -17,6 +23,7 @@ from typing import Any
 
 from batcher.errors import QueueFull
 from batcher.model.tokenization import Text
+from batcher.promises import AGING_S, NORMAL, PRIORITIES, ROOM
 
 
 @dataclass(eq=False, slots=True)
@@ -29,6 +36,13 @@ class Pending:
     future: asyncio.Future[Any]
     admitted: float
     """perf_counter() at admission, for measuring queue wait."""
+    priority: int = NORMAL
+    """Index into promises.PRIORITIES (0 = high)."""
+
+    @property
+    def virtual(self) -> float:
+        """Its place in the queue: arrival plus its priority's offset."""
+        return self.enqueued_at + AGING_S[self.priority]
 
     @property
     def length(self) -> int:
@@ -135,43 +149,73 @@ def _choose(live: list[Pending], limits: BatchLimits) -> list[int]:
     return sorted(order[start : start + size[start]])
 
 
+def _virtual(entry: Pending) -> float:
+    return entry.virtual
+
+
 class RequestQueue:
-    """Bounded FIFO of admitted requests. Past `max_size` waiting, `push` refuses (429)."""
+    """Bounded queue of admitted requests, a FIFO a priority. Past its priority's share of
+    `max_size` waiting (`promises.ROOM`), a request is refused at the door (429)."""
 
     def __init__(self, max_size: int) -> None:
         self.max_size = max_size
-        self._pending: deque[Pending] = deque()
+        self.room = tuple(max(1, max_size - int(max_size * (1 - share))) for share in ROOM)
+        """How many may be queued for a request of each priority to be admitted (the rest of
+        max_size is kept for higher priorities; a small queue keeps none for normal)."""
+        self._levels: tuple[deque[Pending], ...] = tuple(deque() for _ in PRIORITIES)
+        self._pending = self._levels[NORMAL]
+        self._size = 0
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return self._size
 
-    def check_room(self, rows: int = 1) -> None:
-        """429 unless `rows` more requests fit under `max_size`."""
-        if len(self._pending) + rows > self.max_size:
-            raise QueueFull(
-                f"queue holds {self.max_size} requests, its limit; retry later", headers={"Retry-After": "1"}
-            )
+    def check_room(self, rows: int = 1, priority: int = NORMAL) -> None:
+        """429 unless `rows` more requests of `priority` fit under its share of `max_size`."""
+        room = self.room[priority]
+        if self._size + rows > room:
+            held = "its limit" if room == self.max_size else f"the limit for {PRIORITIES[priority]} priority"
+            raise QueueFull(f"queue holds {self._size} requests, {held}; retry later", headers={"Retry-After": "1"})
 
     def push(self, entry: Pending) -> None:
-        self.check_room()
-        self._pending.append(entry)
+        self.check_room(1, entry.priority)
+        self._levels[entry.priority].append(entry)
+        self._size += 1
+
+    def ahead(self, priority: int) -> int:
+        """Requests queued at `priority` or higher: about what a new one waits behind."""
+        return sum(len(level) for level in self._levels[: priority + 1])
 
     def take(self, limits: BatchLimits, now: float) -> Selection:
-        """The next batch and the dead found on the way (see `take_batch`)."""
-        return take_batch(self._pending, limits, now)
+        """The next batch and the dead found on the way (see `take_batch`), oldest by virtual time."""
+        levels = [level for level in self._levels if level]
+        if len(levels) <= 1:
+            selection = take_batch(levels[0] if levels else self._pending, limits, now)
+        else:
+            window = limits.max_batch_size * limits.group_window
+            merged = deque(itertools.islice(heapq.merge(*levels, key=_virtual), window))
+            for entry in merged:
+                self._levels[entry.priority].popleft()  # the merge yields each level's head in turn
+            selection = take_batch(merged, limits, now)
+            for entry in reversed(merged):  # what was not taken goes back to the front
+                self._levels[entry.priority].appendleft(entry)
+        self._size -= len(selection.batch) + len(selection.expired) + len(selection.dropped)
+        return selection
 
     def take_all(self) -> list[Pending]:
         """Remove and return everything queued."""
-        everything = list(self._pending)
-        self._pending.clear()
+        everything = [entry for level in self._levels for entry in level]
+        for level in self._levels:
+            level.clear()
+        self._size = 0
         return everything
 
     def oldest_enqueued_at(self) -> float | None:
-        return self._pending[0].enqueued_at if self._pending else None
+        heads = [level[0].enqueued_at for level in self._levels if level]
+        return min(heads) if heads else None
 
     def full_batch_waiting(self, limits: BatchLimits) -> bool:
         """Whether enough is queued to fill a batch by rows or by padded tokens."""
-        if len(self._pending) >= limits.max_batch_size:
+        if self._size >= limits.max_batch_size:
             return True
-        longest = max([entry.text.length for entry in self._pending], default=0)
-        return len(self._pending) * longest >= limits.max_batch_tokens
+        longest = max([entry.text.length for level in self._levels for entry in level], default=0)
+        return self._size * longest >= limits.max_batch_tokens

@@ -27,6 +27,20 @@ class Turn(BaseModel):
     text: Annotated[StrictStr, Field(examples=["我们有空一起去看风景好不好"])]
 
 
+Priority = Literal["high", "normal", "low"]
+DeadlineMs = Annotated[float, Field(ge=10, le=3_600_000)]
+PRIORITY_FIELD = Field(
+    default=None,
+    description="high, normal (default) or low: higher goes first (none waits more than 1 s longer than "
+    "without priorities) and low is refused first under overload. Also the x-priority header.",
+)
+DEADLINE_FIELD = Field(
+    default=None,
+    description="The client's own deadline, ms from arrival (capped by batching.request_timeout_s): a request "
+    "that cannot be answered in time gets 429 predicted_late at once, never a late answer. Also x-deadline-ms.",
+)
+
+
 class PredictRequest(BaseModel):
     """A dialogue, oldest turn first; the intent is that of its end."""
 
@@ -47,6 +61,8 @@ class PredictRequest(BaseModel):
         ),
     ]
     return_all_probs: StrictBool = False
+    priority: Priority | None = PRIORITY_FIELD
+    deadline_ms: DeadlineMs | None = DEADLINE_FIELD
 
     @pydantic.field_validator("turns")
     @classmethod
@@ -76,6 +92,8 @@ class TextRequest(BaseModel):
         StrictStr | None, Field(json_schema_extra={"pattern": VISIBLE}, description="The pair's second text.")
     ] = None
     return_all_probs: StrictBool = False
+    priority: Priority | None = PRIORITY_FIELD
+    deadline_ms: DeadlineMs | None = DEADLINE_FIELD
 
     _visible = pydantic.field_validator("text", "text_pair")(_not_blank)
 
@@ -113,6 +131,8 @@ class InputsRequest(BaseModel):
     )
     truncation_direction: Literal["left", "right", "Left", "Right"] | None = None
     parameters: InputsParameters | None = None
+    priority: Priority | None = PRIORITY_FIELD
+    deadline_ms: DeadlineMs | None = DEADLINE_FIELD
 
     def texts(self) -> list[tuple[str, str | None]]:
         """Each input as (text, pair or None)."""
@@ -166,6 +186,8 @@ class BatchPredictRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     items: Annotated[list[PredictRequest | TextRequest], Field(min_length=1)]
+    priority: Priority | None = PRIORITY_FIELD
+    deadline_ms: DeadlineMs | None = DEADLINE_FIELD
 
 
 class Timing(BaseModel):

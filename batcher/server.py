@@ -28,8 +28,9 @@ from batcher.config import Settings
 from batcher.errors import StartupCancelled
 from batcher.fastpath import Runner
 from batcher.handlers import METRICS, MODELS
-from batcher.listener import empty_backlog, open_listener
+from batcher.listener import empty_backlog, open_listener, watch_open_files
 from batcher.metrics import Metrics
+from batcher.prediction_log import count_drops
 from batcher.runtime import Models
 from batcher.worker import Model
 
@@ -49,17 +50,29 @@ class Shutdown:
     """Where the signals lead: `stop` is set by the first SIGTERM/SIGINT (again: ignored);
     SIGHUP is left to `on_hangup`."""
 
-    def __init__(self, models: Models) -> None:
+    def __init__(self, models: Models, metrics: Metrics) -> None:
         self.models = models
+        self.metrics = metrics
         self.stop = asyncio.Event()
         self.signalled = 0.0
         self.signal_name = "SIGTERM"
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def reload(self) -> None:
-        """SIGHUP: re-read every model's bundle; what changed is swapped in, the rest left be."""
-        log.info("SIGHUP: reloading %d models", len(self.models.loaded()))
-        for result in await self.models.reload_all():
+        """SIGHUP: re-read every model's bundle; what changed is swapped in, the rest left be.
+        A bundle that cannot be read at all (its directory gone) fails that model's reload
+        only: the old version keeps serving, one error line says why, and it is counted."""
+        names = [runtime.name for runtime in self.models.loaded()]
+        log.info("SIGHUP: reloading %d models", len(names))
+        for name in names:
+            try:
+                result = await self.models.reload(name)
+            except Exception as exc:  # a task's error would otherwise surface as a traceback at exit
+                runtime = self.models.find(name)
+                version = runtime.version if runtime is not None else "none"
+                log.error("reloading model %s failed; version %s keeps serving: %s", name, version, exc)
+                result = {"model": name, "status": "failed", "version": version, "reason": str(exc)}
+            self.metrics.model_reloads.labels(name, str(result["status"])).inc()
             log.info("SIGHUP: %s", " ".join(f"{key}={value}" for key, value in result.items()))
 
     def install(self) -> None:
@@ -98,7 +111,8 @@ async def serve(settings: Settings, *, worker: int = 0, restarted: bool = False,
     app = create_app(settings, metrics=Metrics(worker=worker), model=model)
     if restarted:
         app[METRICS].worker_restarts.inc()
-    shutdown = Shutdown(app[MODELS])
+    count_drops(app[METRICS].prediction_log_dropped.inc)
+    shutdown = Shutdown(app[MODELS], app[METRICS])
     # Handlers first: a signal during start-up then stops loading between steps and warm-up
     # runs, and the process exits 0 instead of being killed halfway.
     shutdown.install()
@@ -118,6 +132,7 @@ async def serve(settings: Settings, *, worker: int = 0, restarted: bool = False,
     raise_open_file_limit()
     listener = open_listener(server.host, server.port, backlog=server.backlog, reuse_port=server.workers > 1)
     await web.SockSite(runner, listener, backlog=server.backlog).start()
+    descriptors = asyncio.get_running_loop().create_task(watch_open_files(listener))
     metrics_runner = None
     if server.expose_metrics and server.metrics_port:
         metrics_runner = web.AppRunner(create_metrics_app(app), handle_signals=False, access_log=None)
@@ -133,6 +148,7 @@ async def serve(settings: Settings, *, worker: int = 0, restarted: bool = False,
     shutdown.refuse()
     await drain(app)  # the listener stays open meanwhile: newcomers get a 503, not a refused connection
     left = await empty_backlog(listener)
+    descriptors.cancel()
     if left:
         log.warning("closing the listener with %d connections still queued", left)
     await runner.cleanup()

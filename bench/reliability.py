@@ -5,8 +5,11 @@ Every step drives a real batcher (app.py, bundled model, defaults) over loopback
 - overload: open loop at 3 x the measured maximum throughput; then recovery;
 - disconnect storm: clients that send and hang up, beside normal clients;
 - shutdown under load: SIGTERM during a 3 x overload;
+- the fault matrix (bench/faults.py): the prediction log's device full or its file
+  unwritable, the descriptor limit reached, SIGSTOP/SIGCONT, a worker killed, the bundle
+  truncated and removed, a pipelined burst of failing requests beside /healthz;
 - the model threads' scheduling policy (SCHED_IDLE vs nice 5) side by side under that overload;
-- soak: 70 % of the maximum for 10 minutes, RSS and p99 per minute;
+- soak: 70 % of the maximum for 10 minutes, RSS, p99 and CPU per request minute by minute;
 - the fault, hostile-input and shutdown tests through pytest, and a long schemathesis run.
 """
 
@@ -27,6 +30,7 @@ from typing import Any
 import aiohttp
 import uvloop
 
+from bench.faults import FAULTS, run_faults
 from bench.servers import ROOT, batcher_server, provenance, rss_bytes
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Driver, Load
@@ -264,6 +268,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     results["disconnect"] = await disconnect_storm(corpus, args)
     print("shutdown under load…", file=sys.stderr)
     results["shutdown"] = await shutdown_under_load(corpus, peak)
+    if args.faults != "none":
+        print("fault matrix…", file=sys.stderr)
+        only = None if args.faults == "all" else args.faults.split(",")
+        results["faults"] = await run_faults(corpus, peak, only)
     if args.scheduling_s:
         print("scheduling policy side by side…", file=sys.stderr)
         results["scheduling"] = await scheduling(corpus, args, peak)
@@ -280,6 +288,11 @@ def main() -> None:
     parser.add_argument(
         "--scheduling-s", type=float, default=20, help="seconds of each overload in the scheduling comparison (0: skip)"
     )
+    parser.add_argument(
+        "--faults",
+        default="all",
+        help=f"faults to inject, comma-separated, or all or none ({', '.join(FAULTS)})",
+    )
     parser.add_argument("--soak-minutes", type=int, default=10, help="minutes of soak at 70 %% of the maximum")
     parser.add_argument("--fuzz-examples", type=int, default=3000, help="schemathesis examples per operation")
     parser.add_argument(
@@ -287,6 +300,9 @@ def main() -> None:
     )
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL corpus")
     args = parser.parse_args()
+    unknown = set(args.faults.split(",")) - {"all", "none", *FAULTS}
+    if unknown:
+        parser.error(f"--faults: no fault named {', '.join(sorted(unknown))}")
     results = uvloop.run(run(args))
     print("fault, hostile-input and shutdown tests…", file=sys.stderr)
     results["tests"] = [
@@ -300,6 +316,7 @@ def main() -> None:
         pytest_outcome(["tests/test_hardening.py"]),
         pytest_outcome(["tests/test_app.py", "-k", "sigterm or idle_connections"]),
         pytest_outcome(["tests/test_batching.py", "tests/test_queue.py", "tests/test_dialogue.py"]),
+        pytest_outcome(["tests/test_prediction_log.py", "tests/test_server.py", "tests/test_listener.py"]),
     ]
     if args.fuzz_examples:
         print("fuzzing…", file=sys.stderr)

@@ -3,6 +3,8 @@
 python -m loadtest run --concurrency 64 --duration 20
 python -m loadtest run --rate 300 --arrival poisson --duration 20
 python -m loadtest run --sweep rate=100,200,400,800 --slo-p99-ms 50
+python -m loadtest run --rate 4000 --priority-mix high=0.2,normal=0.8 --deadline-ms 100
+python -m loadtest run --concurrency 512 --retry storm   # resend at once on 429, a probe beside
 python -m loadtest classic            # the old test script's three tests
 """
 
@@ -19,6 +21,7 @@ from loadtest import report
 from loadtest.classic import run_classic
 from loadtest.corpus import DEFAULT_CORPUS, Corpus
 from loadtest.driver import Load
+from loadtest.modes import RETRY_MODES, Modes, parse_priority_mix
 from loadtest.steps import highest_within_slo, run_steps
 
 
@@ -32,6 +35,26 @@ def parse_loads(args: argparse.Namespace) -> list[Load]:
     if args.rate is not None:
         return [Load("open", args.rate, args.arrival)]
     return [Load("closed", args.concurrency)]
+
+
+def parse_modes(args: argparse.Namespace) -> Modes | None:
+    """The priority mix, deadline and retry mode asked for (None: plain requests)."""
+    if args.priority_mix is None and args.deadline_ms is None and args.retry is None:
+        return None
+    try:
+        mix = parse_priority_mix(args.priority_mix) if args.priority_mix is not None else ()
+    except ValueError as exc:
+        raise SystemExit(f"loadtest: --priority-mix: {exc}") from None
+    if args.retry is not None and (args.rate is not None or (args.sweep or "").startswith("rate")):
+        raise SystemExit("loadtest: --retry is for closed-loop clients (--concurrency), not --rate")
+    if args.deadline_ms is not None and args.deadline_ms <= 0:
+        raise SystemExit("loadtest: --deadline-ms takes a number of milliseconds above 0")
+    return Modes(
+        priority_mix=mix,
+        deadline_ms=args.deadline_ms,
+        retry=args.retry,
+        probe_interval_ms=args.probe_ms if args.retry is not None else 0.0,
+    )
 
 
 def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
@@ -71,9 +94,10 @@ def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--endpoint",
-        choices=["predict", "batch", "oip"],
+        choices=["predict", "batch", "oip", "classify"],
         default="predict",
-        help="/predict, /predict/batch, or the Open Inference Protocol's /v2/models/MODEL/infer (default: %(default)s)",
+        help="/predict, /predict/batch, the Open Inference Protocol's /v2/models/MODEL/infer, or a text "
+        "classifier's /classify with {input: [text]} (Infinity) (default: %(default)s)",
     )
     run.add_argument(
         "--batch-items", type=int, default=8, help="items per /predict/batch request (default: %(default)s)"
@@ -91,6 +115,29 @@ def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
         default=30,
         help="per-request timeout in seconds; counted as `timeout` (default: %(default)s)",
     )
+    run.add_argument(
+        "--priority-mix",
+        metavar="high=SHARE,normal=SHARE,low=SHARE",
+        help="send x-priority on these shares of requests (the rest without); report latency and statuses by priority",
+    )
+    run.add_argument(
+        "--deadline-ms",
+        type=float,
+        help="send x-deadline-ms: N on every request; report answers within it per second (goodput), late 200s "
+        "(client- and server-side) and 429s by error type",
+    )
+    run.add_argument(
+        "--retry",
+        choices=RETRY_MODES,
+        help="closed loop: on 429 resend the same request at once (storm) or after x-retry-after-ms / Retry-After "
+        "(polite); a probe process meanwhile sends one request every --probe-ms on a new connection",
+    )
+    run.add_argument(
+        "--probe-ms",
+        type=float,
+        default=50,
+        help="with --retry: ms between the probe's requests; 0: no probe (default: %(default)s)",
+    )
     run.add_argument("--out", type=Path, help="write JSON, CSV and PNG plots here (default: loadtest/results/<time>)")
     run.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     classic = commands.add_parser("classic", help="the old test script: one request, 20 runs per case, 10 concurrent")
@@ -101,6 +148,7 @@ def build_parser(prog: str = "python -m loadtest") -> argparse.ArgumentParser:
 async def main_run(args: argparse.Namespace) -> int:
     corpus = Corpus(args.corpus, seed=args.seed, batch_items=args.batch_items, zipf=args.zipf)
     loads = parse_loads(args)
+    modes = parse_modes(args)
     rows = await run_steps(
         args.url,
         loads,
@@ -112,8 +160,11 @@ async def main_run(args: argparse.Namespace) -> int:
         seed=args.seed,
         timeout_s=args.timeout,
         slo_p99_ms=args.slo_p99_ms,
+        modes=modes,
     )
     print(report.table(rows))
+    if modes is not None:
+        print(report.modes_table(rows))
     if args.slo_p99_ms is not None:
         best = highest_within_slo(rows, args.slo_p99_ms)
         print(

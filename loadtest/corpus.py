@@ -50,13 +50,17 @@ class Corpus:
         return random.Random(self.seed).choices(self.dialogues, weights=weights, k=ZIPF_DRAWS)
 
     def bodies(self, endpoint: str) -> Iterator[bytes]:
-        """Encoded request bodies for `predict`, `batch` or `oip` (the Open Inference
-        Protocol's infer: one dialogue as a `text` element), cycling forever."""
+        """Encoded request bodies for `predict`, `batch`, `oip` (the Open Inference
+        Protocol's infer: one dialogue as a `text` element) or `classify` (Infinity's
+        `/classify`: the dialogue as the one text batcher's bundled model reads), cycling
+        forever."""
         dialogues = self.sequence()
         if endpoint == "predict":
             encoded = [orjson.dumps(d) for d in dialogues]
         elif endpoint == "oip":
             encoded = [orjson.dumps(oip_request(d)) for d in dialogues]
+        elif endpoint == "classify":
+            encoded = [orjson.dumps(classify_request(d)) for d in dialogues]
         else:
             cycle = itertools.cycle(dialogues)
             encoded = [
@@ -73,3 +77,18 @@ def oip_request(dialogue: dict[str, object]) -> dict[str, object]:
     assert isinstance(turns, list)
     text = turns[0]["text"] if len(turns) == 1 else json.dumps({"turns": turns}, ensure_ascii=False)
     return {"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [text]}]}
+
+
+CLASSIFY_MAX_SEQ_LEN = 128
+
+
+def classify_request(dialogue: dict[str, object]) -> dict[str, object]:
+    """One dialogue as a text-classification request (`{"input": [text]}`, Infinity's
+    `/classify`): the text batcher builds for the bundled model (`用户：` + the user's text,
+    turns joined by [SEP]; batcher.model.dialogue), for servers that take text only."""
+    from batcher.model.dialogue import char_budget, dialogue_text
+
+    turns = dialogue["turns"]
+    assert isinstance(turns, list)
+    pairs = ((str(t.get("speaker", "user")), str(t["text"])) for t in turns)
+    return {"input": [dialogue_text(pairs, char_budget(CLASSIFY_MAX_SEQ_LEN))]}

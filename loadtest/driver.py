@@ -5,6 +5,10 @@ Open-loop latency is measured from each request's *scheduled* send time, so a ge
 or server stall shows up in the percentiles instead of being hidden (coordinated
 omission). Requests sent more than LATE_S after their schedule are counted as late;
 requests that could not be sent at all (too many in flight) are counted as unsent.
+
+With `Modes` (loadtest/modes.py) requests also carry a priority or a deadline, answers are
+read whole and counted by priority, deadline and error type, and closed-loop clients may
+resend on 429 (a retry storm, or politely after Retry-After).
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ from typing import Any
 
 from hdrh.histogram import HdrHistogram
 
-from loadtest.http import HttpClient
+from loadtest.http import HttpClient, Reply
+from loadtest.modes import Modes, ModeStats, retry_after_s
 
 LATE_S = 0.010
 MAX_LATENCY_US = 120_000_000
@@ -64,6 +69,8 @@ class StepResult:
     unsent: int = 0
     client_cpu_s: float = 0.0
     server: dict[str, object] = field(default_factory=dict)
+    modes: ModeStats | None = None
+    """What the step counted for its modes (priorities, deadline, retries), when it had any."""
 
     def record(self, status: str, *, scheduled: float, sent: float, answered: float) -> None:
         """One answer (or failure). Times on the perf_counter clock; `scheduled` is when the
@@ -123,7 +130,7 @@ class StepResult:
             "unsent": self.unsent,
             "client_cpu_share": round(self.client_cpu_s / self.duration_s, 3),
             "server": self.server,
-        }
+        } | ({"modes": self.modes.summary(self.duration_s, self.ok)} if self.modes is not None else {})
 
 
 def _status_bucket(status: int) -> str:
@@ -142,6 +149,7 @@ class Driver:
         seed: int,
         timeout_s: float,
         progress: bool = True,
+        modes: Modes | None = None,
     ) -> None:
         self.client = client
         self.path = path
@@ -149,7 +157,10 @@ class Driver:
         self.seed = seed
         self.timeout_s = timeout_s
         self.progress = progress
+        self.modes = modes
         self._requests: dict[bytes, bytes] = {}
+        self._requests_by_priority: dict[tuple[bytes, str | None], bytes] = {}
+        self._priorities = random.Random(f"priorities {seed}")
         self._stop: asyncio.Event | None = None
 
     async def run(
@@ -170,6 +181,8 @@ class Driver:
         if on_measure_start is not None:
             await on_measure_start()  # type: ignore[operator]
         result = StepResult(load, duration_s, events=[] if events else None)
+        if self.modes is not None:
+            result.modes = ModeStats(self.modes)
         cpu_before = _cpu_seconds()
         ticker = asyncio.ensure_future(self._tick(result, loop.time(), duration_s)) if self.progress else None
         await self._drive(load, result, loop.time() + duration_s, record=True)
@@ -190,8 +203,27 @@ class Driver:
 
     async def _client(self, result: StepResult, end: float, record: bool) -> None:
         loop = asyncio.get_running_loop()
+        if self.modes is not None and self.modes.retry is not None:
+            await self._retrying_client(self.modes.retry, result, end, record)
+            return
         while loop.time() < end and not self._stopped():
             await self._send(result, time.perf_counter(), record)
+
+    async def _retrying_client(self, retry: str, result: StepResult, end: float, record: bool) -> None:
+        """A closed-loop client that resends the same request on 429: at once (`storm`) or
+        after the wait the server asked for (`polite`)."""
+        loop = asyncio.get_running_loop()
+        again: tuple[bytes, str | None] | None = None
+        while loop.time() < end and not self._stopped():
+            reply, again = await self._send_with_modes(result, time.perf_counter(), record, again)
+            if reply is None or reply.status != 429:
+                again = None
+            elif retry == "polite":
+                wait = retry_after_s(reply)
+                if record and result.modes is not None:
+                    result.modes.waited(wait)
+                if wait > 0:
+                    await asyncio.sleep(min(wait, max(0.0, end - loop.time())))
 
     async def _schedule(self, load: Load, result: StepResult, end: float, record: bool) -> None:
         loop = asyncio.get_running_loop()
@@ -218,6 +250,9 @@ class Driver:
             await asyncio.wait(in_flight)
 
     async def _send(self, result: StepResult, started: float, record: bool) -> None:
+        if self.modes is not None:
+            await self._send_with_modes(result, started, record)
+            return
         body = next(self.bodies)
         request = self._requests.get(body)
         if request is None:
@@ -233,6 +268,43 @@ class Driver:
             status = "connection_error"  # cut: the request was (perhaps) sent, no answer came
         if record:
             result.record(status, scheduled=started, sent=sent, answered=time.perf_counter())
+
+    async def _send_with_modes(
+        self,
+        result: StepResult,
+        started: float,
+        record: bool,
+        again: tuple[bytes, str | None] | None = None,
+    ) -> tuple[Reply | None, tuple[bytes, str | None]]:
+        """One request with the modes' headers (or `again`: a request to resend, with its
+        priority), its answer read whole; the answer (None on a failure) and what was sent."""
+        assert self.modes is not None
+        if again is None:
+            body = next(self.bodies)
+            priority = self.modes.pick(self._priorities)
+            request = self._requests_by_priority.get((body, priority))
+            if request is None:
+                request = self.client.request(self.path, body, self.modes.headers(priority))
+                self._requests_by_priority[(body, priority)] = request
+            again = (request, priority)
+        request, priority = again
+        reply: Reply | None = None
+        sent = time.perf_counter()
+        try:
+            reply = await self.client.exchange(request, self.timeout_s)
+            status = _status_bucket(reply.status)
+        except TimeoutError:
+            status = "timeout"
+        except ConnectionRefusedError:
+            status = "refused"
+        except (ConnectionError, OSError):
+            status = "connection_error"
+        if record:
+            answered = time.perf_counter()
+            result.record(status, scheduled=started, sent=sent, answered=answered)
+            if result.modes is not None:
+                result.modes.record(priority, status, reply, answered - started, answered - sent)
+        return reply, again
 
     async def _tick(self, result: StepResult, started: float, duration_s: float) -> None:
         loop = asyncio.get_running_loop()

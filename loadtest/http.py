@@ -9,9 +9,29 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from typing import cast
+from collections.abc import Sequence
+from typing import NamedTuple, cast
 
 HEAD_END = b"\r\n\r\n"
+
+
+class Reply(NamedTuple):
+    """A whole answer, for the load modes that read more than the status (loadtest/modes.py)."""
+
+    status: int
+    head: bytes
+    """The status line and headers, lower-cased."""
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        """A header's value (lower-cased, stripped), or None when absent."""
+        key = b"\r\n" + name.lower().encode() + b":"
+        start = self.head.find(key)
+        if start < 0:
+            return None
+        start += len(key)
+        stop = self.head.find(b"\r\n", start)
+        return self.head[start : stop if stop >= 0 else len(self.head)].strip().decode("latin-1")
 
 
 class ProtocolError(ConnectionError):
@@ -22,7 +42,9 @@ class Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.waiter: asyncio.Future[tuple[int, bool]] | None = None
+        self.waiter: asyncio.Future[tuple[int, bool, bytes, bytes]] | None = None
+        self.detail = False
+        """Keep the answer's head and body (`HttpClient.exchange`), not only its status."""
         self.closed = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -53,8 +75,9 @@ class Connection(asyncio.Protocol):
         total = end + len(HEAD_END) + length
         if len(self.buffer) < total:
             return
+        body = bytes(self.buffer[end + len(HEAD_END) : total]) if self.detail else b""
         del self.buffer[:total]
-        self.waiter.set_result((status, b"\r\nconnection: close" not in head))
+        self.waiter.set_result((status, b"\r\nconnection: close" not in head, head if self.detail else b"", body))
 
     def _fail(self, error: Exception) -> None:
         if self.waiter is not None and not self.waiter.done():
@@ -77,26 +100,36 @@ class HttpClient:
         self.all: set[Connection] = set()
         self._tasks: set[asyncio.Future[None]] = set()
 
-    def request(self, path: str, body: bytes) -> bytes:
-        """The bytes of one POST (build once, send many times)."""
+    def request(self, path: str, body: bytes, headers: Sequence[tuple[str, str]] = ()) -> bytes:
+        """The bytes of one POST (build once, send many times), with any extra `headers`."""
         close = "Connection: close\r\n" if self.fresh_connections else ""
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{close}"
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n{close}{extra}"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         )
         return head.encode() + body
 
     async def send(self, request: bytes, timeout_s: float) -> int:
         """Send pre-built request bytes; the response status. Raises TimeoutError or ConnectionError."""
+        return (await self._round_trip(request, timeout_s, detail=False))[0]
+
+    async def exchange(self, request: bytes, timeout_s: float) -> Reply:
+        """Send pre-built request bytes; the whole answer (status, head, body). Raises as `send`."""
+        status, head, body = await self._round_trip(request, timeout_s, detail=True)
+        return Reply(status, head, body)
+
+    async def _round_trip(self, request: bytes, timeout_s: float, *, detail: bool) -> tuple[int, bytes, bytes]:
         loop = asyncio.get_running_loop()
         connection = await self._acquire()
-        waiter: asyncio.Future[tuple[int, bool]] = loop.create_future()
+        waiter: asyncio.Future[tuple[int, bool, bytes, bytes]] = loop.create_future()
         connection.waiter = waiter
+        connection.detail = detail
         timer = loop.call_later(timeout_s, _expire, waiter)
         assert connection.transport is not None
         connection.transport.write(request)
         try:
-            status, keep_alive = await waiter
+            status, keep_alive, head, body = await waiter
         except BaseException:
             self._discard(connection)
             raise
@@ -107,7 +140,7 @@ class HttpClient:
             self._release(connection)
         else:
             self._discard(connection)
-        return status
+        return status, head, body
 
     async def close(self) -> None:
         for connection in list(self.all):
@@ -169,6 +202,6 @@ class HttpClient:
             slot.set_result(connection)
 
 
-def _expire(waiter: asyncio.Future[tuple[int, bool]]) -> None:
+def _expire(waiter: asyncio.Future[tuple[int, bool, bytes, bytes]]) -> None:
     if not waiter.done():
         waiter.set_exception(TimeoutError())

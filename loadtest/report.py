@@ -42,6 +42,61 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
+def modes_table(rows: Sequence[dict[str, Any]]) -> str:
+    """What each step counted for its modes (loadtest/modes.py): by priority, against the
+    deadline, 429s by error type, and the retry mode's 200s and probe."""
+    out: list[str] = []
+    for row in rows:
+        modes = row.get("modes")
+        if not modes:
+            continue
+        out.append(f"{row['load']}:")
+        if "by_priority" in modes:
+            headers = ["priority", "share", "requests", "ok/s", "429s", "p50 ms", "p99 ms", "p99.9 ms", "max ms"]
+            headers.append("200s p99 ms")
+            cells = []
+            for name, stats in modes["by_priority"].items():
+                share = modes["priority_mix"].get(name)
+                cells.append(
+                    [name, "-" if share is None else f"{share:g}", str(stats["requests"]), _fmt(stats["ok_rps"])]
+                    + [str(stats["statuses"].get("429", 0))]
+                    + [_fmt(stats[key]) for key in ("p50_ms", "p99_ms", "p999_ms", "max_ms", "ok_p99_ms")]
+                )
+            widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+            out.append("  " + "  ".join(h.rjust(w) for h, w in zip(headers, widths, strict=True)))
+            out += ["  " + "  ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in cells]
+        if "deadline" in modes:
+            d = modes["deadline"]
+            how = "sent as x-deadline-ms" if d["sent"] else "judged only, not sent"
+            server = f", {d['server_late_200']} past it server-side" if d["sent"] else ""
+            out.append(
+                f"  deadline {d['judged_ms']:g} ms ({how}): {d['within']} answers within it "
+                f"({d['goodput_rps']:.1f}/s goodput), {d['late_200']} 200s past it client-side{server}"
+            )
+        refused = ", ".join(f"{kind} {count}" for kind, count in modes["refused_by_type"].items()) or "none"
+        out.append(
+            f"  429s by type: {refused}; answered within {modes['admission_ms']:g} ms of sending: "
+            f"{modes['refused_at_door']}"
+        )
+        if modes["errors_by_type"]:
+            out.append("  other errors: " + ", ".join(f"{k} {v}" for k, v in modes["errors_by_type"].items()))
+        if "retry" in modes:
+            r = modes["retry"]
+            waits = (
+                f", {r['polite_waits']} waits of {_fmt(r['polite_wait_mean_ms'])} ms mean" if r["polite_waits"] else ""
+            )
+            out.append(f"  retry {r['mode']}: {r['ok_rps']:.1f} 200s/s{waits}")
+            probe = r.get("probe")
+            if probe:
+                statuses = ", ".join(f"{k} {v}" for k, v in probe["statuses"].items())
+                out.append(
+                    f"  probe, a new connection every {probe['interval_ms']:g} ms: {probe['requests']} requests "
+                    f"({statuses}), p50 {_fmt(probe['p50_ms'])} ms, p99 {_fmt(probe['p99_ms'])} ms, "
+                    f"max {_fmt(probe['max_ms'])} ms"
+                )
+    return "\n".join(out)
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "-"
@@ -56,15 +111,27 @@ def write(rows: Sequence[dict[str, Any]], out: Path, name: str) -> None:
     (out / f"{name}.json").write_text(json.dumps(list(rows), indent=1, ensure_ascii=False) + "\n")
     flat = []
     for row in rows:
-        item = {k: v for k, v in row.items() if k not in ("server", "statuses")}
+        item = {k: v for k, v in row.items() if k not in ("server", "statuses", "modes")}
         item.update({f"status_{k}": v for k, v in row["statuses"].items()})
         item.update({f"server_{k}": v for k, v in (row.get("server") or {}).items() if not isinstance(v, dict)})
+        if "modes" in row:
+            item.update(_flat("modes", row["modes"]))
         flat.append(item)
     fields = list(dict.fromkeys(key for item in flat for key in item))
     with (out / f"{name}.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields)
         writer.writeheader()
         writer.writerows(flat)
+
+
+def _flat(prefix: str, value: Any) -> dict[str, Any]:
+    """Scalar leaves of nested dicts, keys joined by `_` (modes_by_priority_high_p99_ms)."""
+    if isinstance(value, dict):
+        found: dict[str, Any] = {}
+        for key, inner in value.items():
+            found.update(_flat(f"{prefix}_{key}", inner))
+        return found
+    return {prefix: value}
 
 
 def plot_latency(series: dict[str, Sequence[dict[str, Any]]], path: Path, title: str) -> None:

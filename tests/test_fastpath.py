@@ -293,7 +293,7 @@ async def test_random_header_values_get_an_answer_from_one_lane_or_the_other(mak
         status, _, _ = await asyncio.wait_for(read_answer(reader), 10)
         writer.close()
         statuses.add(status)
-    assert statuses <= {200, 400, 401, 415} and 200 in statuses
+    assert statuses <= {200, 400, 401, 415, 422} and 200 in statuses  # 422: a bad x-priority or x-deadline-ms
     assert lane(client).answered > 0
 
 

@@ -1,0 +1,204 @@
+"""Priorities, client deadlines, admission by predicted wait and computed Retry-After
+(batcher/promises.py, the queue's priority FIFOs, the batcher's admission), and the fast
+lane holding the 429s of clients that retry before their Retry-After. The batcher tests
+use the FakeModel: they are about ordering and timing, not answers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from batcher.errors import DeadlineExceeded, PredictedLate, QueueFull, ValidationFailed
+from batcher.handlers import METRICS, MODELS
+from batcher.promises import HIGH, LOW, NORMAL, PLAIN, Pace, Promise, promise_of, retry_headers
+from batcher.queue import BatchLimits, Pending, RequestQueue
+from tests.conftest import MakeBatcher, MakeClient, row
+from tests.test_batching import handed_over, value
+from tests.test_fastpath import ONE, raw, read_answer
+
+
+def test_a_promise_comes_from_the_body_over_the_headers() -> None:
+    assert promise_of(None, None) is PLAIN
+    assert promise_of("HIGH", "250") == Promise(HIGH, 0.25)
+    assert promise_of("high", "250", "low", 1000) == Promise(LOW, 1.0)
+    with pytest.raises(ValidationFailed, match="x-deadline-ms"):  # a bad header is refused, body or not
+        promise_of(None, "soon", None, 1000)
+    for bad in ("urgent", "", "1"):
+        with pytest.raises(ValidationFailed, match="x-priority: expected high, normal or low"):
+            promise_of(bad, None)
+    for bad in ("0", "-5", "9.9", "soon", "nan", "1e9"):
+        with pytest.raises(ValidationFailed, match="x-deadline-ms"):
+            promise_of(None, bad)
+
+
+def test_the_pace_is_the_median_of_recent_runs_so_one_hung_run_does_not_skew_it() -> None:
+    pace = Pace(instances=2)
+    assert not pace.known and pace.wait_s(100) == 0.0
+    for seconds in (0.010, 0.010, 5.0, 0.012, 0.010):
+        pace.ran(10, seconds)
+    assert pace.known and pace.run_s == pytest.approx(0.010)
+    assert pace.rows_per_s() == pytest.approx(2 * 10 / 0.010)
+    assert pace.wait_s(200) == pytest.approx(200 / 2000 + 0.010)
+    assert retry_headers(0.0301) == {"Retry-After": "1", "x-retry-after-ms": "31"}
+    assert retry_headers(2.2)["Retry-After"] == "3"
+
+
+def pending(at: float, priority: int) -> Pending:
+    return Pending(row(4), at, at + 10, asyncio.get_running_loop().create_future(), 0.0, priority)
+
+
+async def test_higher_priority_goes_first_but_ageing_bounds_the_wait() -> None:
+    queue = RequestQueue(64)
+    queue.push(pending(0.0, LOW))
+    queue.push(pending(0.2, NORMAL))
+    queue.push(pending(0.3, HIGH))
+    queue.push(pending(1.2, HIGH))  # arrived more than 1 s after the low one: orders after it
+    limits = BatchLimits(max_batch_size=1, max_batch_tokens=1000)
+    order = [queue.take(limits, now=0.0).batch[0] for _ in range(4)]
+    assert [(entry.enqueued_at, entry.priority) for entry in order] == [(0.3, 0), (0.2, 1), (0.0, 2), (1.2, 0)]
+    assert len(queue) == 0
+
+
+async def test_each_priority_may_fill_its_share_of_the_queue() -> None:
+    queue = RequestQueue(16)
+    assert queue.room == (16, 14, 8)
+    for at in range(8):
+        queue.push(pending(at, LOW))
+    with pytest.raises(QueueFull, match="limit for low priority"):
+        queue.check_room(1, LOW)
+    queue.check_room(6, NORMAL)
+    with pytest.raises(QueueFull):
+        queue.check_room(7, NORMAL)
+    queue.check_room(8, HIGH)
+    assert queue.ahead(HIGH) == 0 and queue.ahead(LOW) == 8
+
+
+async def warm_pace(batcher: object, make_rows: int = 6) -> None:
+    """Let the batcher measure its pace on a few real (fake-model) runs."""
+    submit = batcher.submit  # type: ignore[attr-defined]
+    for _ in range(make_rows):
+        await submit(row(3))
+
+
+async def test_under_load_high_priority_is_taken_before_what_waited_longer(make_batcher: MakeBatcher) -> None:
+    batcher, model, metrics = make_batcher(held=True, max_batch_size=1, max_wait_s=0, instances=1)
+    running = batcher.submit(row(3))
+    await model.started()
+    staged = batcher.submit(row(3))
+    await handed_over(metrics)
+    normal = batcher.submit(row(3))
+    high = batcher.submit(row(3), Promise(HIGH))
+    finished: list[str] = []
+    normal.add_done_callback(lambda _: finished.append("normal"))
+    high.add_done_callback(lambda _: finished.append("high"))
+    model.gate.set()
+    await asyncio.gather(running, staged, normal, high)
+    assert finished == ["high", "normal"]
+    assert value(metrics, "batcher_priority_requests_total", {"priority": "high", "outcome": "admitted"}) == 1
+
+
+async def test_a_request_that_cannot_be_answered_in_time_is_refused_at_once(make_batcher: MakeBatcher) -> None:
+    batcher, model, metrics = make_batcher(held=False, max_batch_size=1, max_wait_s=0, instances=1, delay_s=0.02)
+    await warm_pace(batcher)  # runs of ~20 ms
+    model.gate.clear()
+    running = batcher.submit(row(3))
+    await model.started()
+    queued = [batcher.submit(row(3)) for _ in range(5)]  # ~100 ms of work ahead
+    started = time.perf_counter()
+    with pytest.raises(PredictedLate) as refused:
+        batcher.submit(row(3), Promise(NORMAL, 0.05), started)
+    assert refused.value.status == 429 and refused.value.type == "predicted_late"
+    assert int(refused.value.headers["x-retry-after-ms"]) >= 80 and refused.value.headers["Retry-After"] == "1"
+    in_time = batcher.submit(row(3), Promise(NORMAL, 5.0), started)
+    assert value(metrics, "batcher_rejected_total", {"reason": "predicted_late"}) == 1
+    model.gate.set()
+    await asyncio.gather(running, in_time, *queued)
+
+
+async def test_a_deadline_that_passes_while_queued_is_never_computed(make_batcher: MakeBatcher) -> None:
+    batcher, model, metrics = make_batcher(held=True, max_batch_size=1, max_wait_s=0, instances=1)
+    running = batcher.submit(row(3))
+    await model.started()
+    short = batcher.submit(row(3), Promise(NORMAL, 0.05))  # no pace yet: admitted, then expires
+    with pytest.raises(DeadlineExceeded):
+        await short
+    model.gate.set()
+    await running
+    await batcher.close(1)
+    assert model.rows == 1 and value(metrics, "batcher_rejected_total", {"reason": "deadline"}) == 1
+
+
+async def test_an_earlier_client_deadline_resets_the_one_timer(make_batcher: MakeBatcher) -> None:
+    batcher, model, _ = make_batcher(held=True, max_batch_size=1, max_wait_s=0, instances=1, request_timeout_s=5)
+    running = batcher.submit(row(3))
+    await model.started()
+    patient = batcher.submit(row(3))
+    hurried = batcher.submit(row(3), Promise(NORMAL, 0.05))
+    started = time.perf_counter()
+    with pytest.raises(DeadlineExceeded):
+        await hurried
+    assert time.perf_counter() - started < 1.0  # its own 50 ms, not the 5 s of the one before it
+    model.gate.set()
+    await asyncio.gather(running, patient)
+
+
+async def test_the_queue_full_refusal_says_when_to_come_back(make_batcher: MakeBatcher) -> None:
+    batcher, model, _ = make_batcher(held=False, max_batch_size=1, max_queue_size=4, max_wait_s=0, instances=1)
+    model.delay_s = 0.02
+    await warm_pace(batcher)
+    model.gate.clear()
+    running = batcher.submit(row(3))
+    await model.started()
+    queued = [batcher.submit(row(3)) for _ in range(4)]
+    with pytest.raises(QueueFull) as refused:
+        batcher.check_admission()
+    assert 60 <= int(refused.value.headers["x-retry-after-ms"]) <= 400  # 4 queued runs of ~20 ms
+    model.gate.set()
+    await asyncio.gather(running, *queued)
+
+
+async def test_priority_and_deadline_by_header_or_body_in_both_lanes(make_client: MakeClient) -> None:
+    client = await make_client()
+    for headers, body in (({"x-priority": "high", "x-deadline-ms": "5000"}, ONE), ({}, {**ONE, "priority": "low"})):
+        answer = await client.post("/predict", json=body, headers=headers)
+        assert answer.status == 200
+    bad = await client.post("/predict", json=ONE, headers={"x-priority": "urgent"})
+    assert bad.status == 422 and (await bad.json())["error"]["message"].startswith("x-priority")
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(raw(ONE).replace(b"\r\n\r\n", b"\r\nx-priority: low\r\nx-deadline-ms: 3000\r\n\r\n", 1))
+    assert (await read_answer(reader))[0] == 200
+    writer.write(raw(ONE).replace(b"\r\n\r\n", b"\r\nx-deadline-ms: never\r\n\r\n", 1))
+    status, _, body_bytes = await read_answer(reader)
+    assert status == 422 and b"x-deadline-ms" in body_bytes
+    writer.close()
+    spec = await (await client.get("/openapi.json")).json()
+    assert "priority" in spec["components"]["schemas"]["PredictRequest"]["properties"]
+
+
+async def test_a_client_that_retries_before_its_retry_after_waits_for_its_429(make_client: MakeClient) -> None:
+    """A retry storm's connection gets one refusal per Retry-After; a polite one is answered at once."""
+    client = await make_client("batching.max_queue_size=1", "batching.max_batch_size=1", "batching.instances=1")
+    queue = client.app[MODELS].get().batcher._queue
+    blocker = pending(0.0, NORMAL)
+    queue._levels[NORMAL].append(blocker)  # the queue is full while this sits in it
+    queue._size += 1
+    try:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        answers, started = 0, time.perf_counter()
+        while time.perf_counter() - started < 1.3:  # a storm: back at once after every 429
+            writer.write(raw(ONE))
+            status, headers, _ = await read_answer(reader)
+            assert status == 429
+            answers += 1
+        assert answers <= 3  # one refusal per Retry-After (1 s while the pace is unknown), not thousands
+        assert value(client.app[METRICS], "batcher_held_refusals_total") == answers - 1 >= 1
+        await asyncio.sleep(int(headers["x-retry-after-ms"]) / 1000)
+        started = time.perf_counter()
+        writer.write(raw(ONE))
+        assert (await read_answer(reader))[0] == 429 and time.perf_counter() - started < 0.2  # polite: at once
+        writer.close()
+    finally:
+        queue._levels[NORMAL].clear()
+        queue._size = 0
