@@ -75,6 +75,44 @@ class Prediction:
     """What the graph gave for the row (for a request's own output function)."""
 
 
+class Twins:
+    """One waiting row and the clients that share it (batching.coalesce). The row's own future
+    belongs to no client: it settles every client's, and is cancelled (skipped when a batch
+    is formed) only when every client has gone."""
+
+    __slots__ = ("clients", "entry", "key", "table")
+
+    def __init__(self, entry: Pending, key: object, table: dict[object, Twins]) -> None:
+        self.entry = entry
+        self.key = key
+        self.table = table
+        self.clients: list[asyncio.Future[Prediction]] = []
+        entry.future.add_done_callback(self._settle)
+
+    def join(self, loop: asyncio.AbstractEventLoop) -> asyncio.Future[Prediction]:
+        client: asyncio.Future[Prediction] = loop.create_future()
+        self.clients.append(client)
+        client.add_done_callback(self._left)
+        return client
+
+    def _left(self, client: asyncio.Future[Prediction]) -> None:
+        if client.cancelled() and all(other.cancelled() for other in self.clients):
+            self.entry.future.cancel()
+
+    def _settle(self, row: asyncio.Future[Prediction]) -> None:
+        if self.table.get(self.key) is self:
+            del self.table[self.key]
+        for client in self.clients:
+            if client.done():
+                continue
+            if row.cancelled():
+                client.cancel()
+            elif (error := row.exception()) is not None:
+                client.set_exception(error)
+            else:
+                client.set_result(row.result())
+
+
 class Batcher:
     """Owns the queue and the batch loop; hands batches to a `Worker`."""
 
@@ -90,6 +128,8 @@ class Batcher:
         self._queue = RequestQueue(settings.max_queue_size)
         self._policy = WaitPolicy(max_wait_s=settings.max_wait_s, instances=worker.instances)
         self._timeout_s = settings.request_timeout_s
+        self._coalesce = settings.coalesce
+        self._twins: dict[object, Twins] = {}  # the model input -> its waiting row and clients (coalesce)
         self._pace = Pace(worker.instances)
         self._running: dict[int, list[Pending]] = {}  # id(batch) -> batch handed to the worker
         self._deadlines: list[tuple[float, int, Pending]] = []  # heap: admitted, earliest deadline first
@@ -215,11 +255,21 @@ class Batcher:
     ) -> asyncio.Future[Prediction]:
         loop = self._loop
         now = loop.time()
+        twins = None
+        if self._coalesce:
+            key = text.key
+            twins = self._twins.get(key)
+            if twins is not None and twins.entry.priority <= promise.priority and not twins.entry.future.done():
+                self._metrics.coalesced.inc()
+                self._metrics.admitted_by_priority[promise.priority].inc()
+                return twins.join(loop)
         if promise.deadline_s is not None and not checked:
             self._check_in_time(promise, started)
         deadline = self._deadline(promise, started, now) if promise is not PLAIN else now + self._timeout_s
         entry = Pending(text, now, deadline, loop.create_future(), time.perf_counter(), promise.priority)
         self._queue.push(entry)  # fits: checked just above, on this same thread
+        if self._coalesce:
+            twins = self._twins[key] = Twins(entry, key, self._twins)
         self._metrics.admitted_by_priority[promise.priority].inc()
         deadlines = self._deadlines
         while deadlines and deadlines[0][2].future.done():
@@ -233,7 +283,7 @@ class Batcher:
         self._policy.arrived(now)
         self._metrics.queue_depth.set(len(self._queue))
         self._wake()
-        return entry.future
+        return entry.future if twins is None else twins.join(loop)
 
     def begin_drain(self) -> None:
         """Admit nothing more and stop waiting for company: run what is queued at once."""
@@ -312,9 +362,10 @@ class Batcher:
         self._metrics.queue_depth.set(len(self._queue))
         if not selection.batch:
             return
+        lone = len(selection.batch) == 1 and not self._running and not self._queue
         self._running[id(selection.batch)] = selection.batch
         self._metrics.inflight_batches.set(len(self._running))
-        self._worker.run(selection.batch, self._finish)
+        self._worker.run(selection.batch, self._finish, lone=lone)
 
     def _finish(self, batch: list[Pending], outcome: RunResult | BaseException) -> None:
         """A run came back (a loop callback: an error here would be lost, so none escapes)."""

@@ -237,6 +237,12 @@ class Metrics:
             ["model", "reason"],
             registry=r,
         )
+        self.coalesced = Counter(
+            "batcher_coalesced_rows",
+            "Requests that shared a waiting twin's row of a batch (batching.coalesce) instead of a row of their own.",
+            labelnames=by_model,
+            registry=r,
+        )
         self.held_refusals = Counter(
             "batcher_held_refusals",
             "429s held back until the Retry-After of a client that came back before it (a retry storm).",
@@ -376,6 +382,7 @@ class ModelMetrics:
         self.admitted_by_priority = [metrics.priority_requests.labels(name, p, "admitted") for p in PRIORITY_NAMES]
         self.refused_by_priority = [metrics.priority_requests.labels(name, p, "refused") for p in PRIORITY_NAMES]
         self.held_refusals = metrics.held_refusals.labels(name)
+        self.coalesced = metrics.coalesced.labels(name)
         self.cache_hits = metrics.cache_requests.labels(name, "hit")
         self.cache_misses = metrics.cache_requests.labels(name, "miss")
 

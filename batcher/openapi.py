@@ -74,7 +74,7 @@ _PROMISES = (
         "description": "The client's own deadline in ms from arrival (capped by batching.request_timeout_s). A "
         "request predicted to miss it is refused at once (429 predicted_late, with Retry-After and "
         "x-retry-after-ms); one never gets a late answer. The body's `deadline_ms` wins.",
-        "schema": {"type": "number", "minimum": 10, "maximum": 3_600_000},
+        "schema": {"type": "number", "minimum": 100, "maximum": 3_600_000},
     },
 )
 

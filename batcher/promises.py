@@ -27,8 +27,9 @@ AGING_S = (0.0, 0.5, 1.0)
 """Virtual-time offset by priority: how much later than its arrival a request is ordered."""
 ROOM = (1.0, 0.875, 0.5)
 """Share of batching.max_queue_size each priority may fill at the door."""
-MIN_DEADLINE_MS = 10.0
-"""Shorter is no deadline an HTTP round trip and a model run can keep: refused (422)."""
+MIN_DEADLINE_MS = 100.0
+"""Shorter is no deadline an HTTP round trip, a queue and a model run on a shared machine can
+be held to: refused (422)."""
 MAX_DEADLINE_MS = 3_600_000.0
 PACE_RUNS = 32
 """Runs the pace is the median of: a hung or stopped run is one outlier among them."""

@@ -28,7 +28,7 @@ class Turn(BaseModel):
 
 
 Priority = Literal["high", "normal", "low"]
-DeadlineMs = Annotated[float, Field(ge=10, le=3_600_000)]
+DeadlineMs = Annotated[float, Field(ge=100, le=3_600_000)]
 PRIORITY_FIELD = Field(
     default=None,
     description="high, normal (default) or low: higher goes first (none waits more than 1 s longer than "

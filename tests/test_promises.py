@@ -14,7 +14,7 @@ from batcher.errors import DeadlineExceeded, PredictedLate, QueueFull, Validatio
 from batcher.handlers import METRICS, MODELS
 from batcher.promises import HIGH, LOW, NORMAL, PLAIN, Pace, Promise, promise_of, retry_headers
 from batcher.queue import BatchLimits, Pending, RequestQueue
-from tests.conftest import MakeBatcher, MakeClient, row
+from tests.conftest import FakeModel, MakeBatcher, MakeClient, row
 from tests.test_batching import handed_over, value
 from tests.test_fastpath import ONE, raw, read_answer
 
@@ -22,13 +22,14 @@ from tests.test_fastpath import ONE, raw, read_answer
 def test_a_promise_comes_from_the_body_over_the_headers() -> None:
     assert promise_of(None, None) is PLAIN
     assert promise_of("HIGH", "250") == Promise(HIGH, 0.25)
+    assert promise_of(None, "100") == Promise(NORMAL, 0.1)
     assert promise_of("high", "250", "low", 1000) == Promise(LOW, 1.0)
     with pytest.raises(ValidationFailed, match="x-deadline-ms"):  # a bad header is refused, body or not
         promise_of(None, "soon", None, 1000)
     for bad in ("urgent", "", "1"):
         with pytest.raises(ValidationFailed, match="x-priority: expected high, normal or low"):
             promise_of(bad, None)
-    for bad in ("0", "-5", "9.9", "soon", "nan", "1e9"):
+    for bad in ("0", "-5", "99.9", "soon", "nan", "1e9"):
         with pytest.raises(ValidationFailed, match="x-deadline-ms"):
             promise_of(None, bad)
 
@@ -202,3 +203,69 @@ async def test_a_client_that_retries_before_its_retry_after_waits_for_its_429(ma
     finally:
         queue._levels[NORMAL].clear()
         queue._size = 0
+
+
+async def test_identical_waiting_inputs_share_one_row_and_each_gets_its_answer(make_batcher: MakeBatcher) -> None:
+    batcher, model, metrics = make_batcher(held=True, max_batch_size=4, max_wait_s=0, instances=1, coalesce=True)
+    running = batcher.submit(row(3))
+    await model.started()
+    twins = [batcher.submit(row(5)) for _ in range(4)]  # one row, four clients
+    other = batcher.submit(row(6))
+    urgent = batcher.submit(row(5), Promise(HIGH))  # does not wait behind a normal-priority row
+    gone = batcher.submit(row(5))
+    gone.cancel()  # one client leaves: the others are still answered
+    model.gate.set()
+    answers = await asyncio.gather(running, *twins, other, urgent)
+    assert all(answer.intent_id == 1 for answer in answers)
+    assert model.batches[-1] == 3 and model.rows == 4  # the running row, then row(5), row(6), the urgent row(5)
+    assert value(metrics, "batcher_coalesced_rows_total") == 4
+
+
+async def test_a_shared_row_whose_clients_all_left_is_not_computed(make_batcher: MakeBatcher) -> None:
+    batcher, model, metrics = make_batcher(held=True, max_batch_size=4, max_wait_s=0, instances=1, coalesce=True)
+    running = batcher.submit(row(3))
+    await model.started()
+    twins = [batcher.submit(row(5)) for _ in range(3)]
+    for twin in twins:
+        twin.cancel()
+    model.gate.set()
+    await running
+    await batcher.close(1)
+    assert model.rows == 1 and value(metrics, "batcher_rejected_total", {"reason": "disconnected"}) == 1
+
+
+@pytest.mark.parametrize("coalesce", ["true", "false"])
+async def test_coalesced_answers_equal_answers_computed_alone(make_client: MakeClient, coalesce: str) -> None:
+    client = await make_client(f"batching.coalesce={coalesce}", "batching.instances=1")
+    bodies = [
+        {"turns": [{"text": text}], "return_all_probs": True} for text in ("播放周杰伦的歌", "今天天气怎么样") * 6
+    ]
+    answers = await asyncio.gather(*(client.post("/predict", json=body) for body in bodies))
+    results = [await answer.json() for answer in answers]
+    alone = [await (await client.post("/predict", json=body)).json() for body in bodies[:2]]
+    for index, result in enumerate(results):
+        assert result["probabilities"] == alone[index % 2]["probabilities"]
+
+
+async def test_a_lone_request_runs_on_the_lone_model_and_load_on_the_instances(make_batcher: MakeBatcher) -> None:
+    lone = FakeModel(num_labels=4)
+    lone.armed = True
+    batcher, model, _ = make_batcher(lone=lone, held=False, max_batch_size=1, max_wait_s=0, instances=1)
+    await batcher.submit(row(3))
+    assert lone.batches == [1] and model.batches == []  # idle model, one request: every core
+    model.gate.clear()
+    lone.gate.clear()
+    first = batcher.submit(row(3))
+    await lone.started()
+    rest = [batcher.submit(row(3)) for _ in range(3)]  # queued behind a run: the instances take them
+    lone.gate.set()
+    model.gate.set()
+    await asyncio.gather(first, *rest)
+    assert lone.batches == [1, 1] and model.batches == [1, 1, 1]
+
+
+async def test_lone_threads_loads_a_second_session(make_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="batcher.runtime")
+    client = await make_client("batching.lone_threads=2")
+    assert (await client.post("/predict", json=ONE)).status == 200
+    assert any("a lone request runs on a second session with 2 threads" in r.getMessage() for r in caplog.records)
