@@ -107,7 +107,7 @@ class InputsParameters(BaseModel):
 
     model_config = ConfigDict(extra="ignore")
 
-    top_k: Annotated[int, Field(ge=1, description="Answer only the k best labels.")] | None = None
+    top_k: Annotated[int, Field(ge=1, le=100_000, description="Answer only the k best labels.")] | None = None
     function_to_apply: FunctionName | None = Field(
         default=None, description="softmax, sigmoid or none (raw scores); default: the model's own."
     )

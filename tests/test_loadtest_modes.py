@@ -171,7 +171,7 @@ async def test_storm_resends_the_same_request_at_once_and_a_probe_runs_beside(ai
     url = await serve(aiohttp_server, stub)
     modes = Modes(retry="storm", probe_interval_ms=50)
     rows = await run_steps(
-        url, [Load("closed", 1)], corpus=corpus(), duration_s=1.0, warmup_s=0.2, progress=False, modes=modes
+        url, [Load("closed", 1)], corpus=corpus(), duration_s=1.0, warmup_s=0, progress=False, modes=modes
     )
     row = rows[0]
     load = [e for e in stub.log if e["connection"] != "close"]
