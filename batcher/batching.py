@@ -134,7 +134,8 @@ class Batcher:
         self._running: dict[int, list[Pending]] = {}  # id(batch) -> batch handed to the worker
         self._deadlines: list[tuple[float, int, Pending]] = []  # heap: admitted, earliest deadline first
         self._admissions = itertools.count()  # tie-breaks equal deadlines in the heap
-        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._deadline_timer: asyncio.Handle | None = None
+        self._deadline_timer_at = math.inf  # when it fires (uvloop's call_at may return a plain Handle)
         self._waker: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop  # set by start(), before anything is admitted
@@ -276,9 +277,10 @@ class Batcher:
             heapq.heappop(deadlines)
         heapq.heappush(deadlines, (deadline, next(self._admissions), entry))
         timer = self._deadline_timer
-        if timer is None or timer.when() > deadlines[0][0]:
+        if timer is None or self._deadline_timer_at > deadlines[0][0]:
             if timer is not None:
                 timer.cancel()
+            self._deadline_timer_at = deadlines[0][0]
             self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_due)
         self._policy.arrived(now)
         self._metrics.queue_depth.set(len(self._queue))
@@ -312,6 +314,7 @@ class Batcher:
         if self._deadline_timer is not None:
             self._deadline_timer.cancel()
             self._deadline_timer = None
+        self._deadline_timer_at = math.inf
         self._deadlines.clear()
         self._worker.close()
 
@@ -362,10 +365,9 @@ class Batcher:
         self._metrics.queue_depth.set(len(self._queue))
         if not selection.batch:
             return
-        lone = len(selection.batch) == 1 and not self._running and not self._queue
         self._running[id(selection.batch)] = selection.batch
         self._metrics.inflight_batches.set(len(self._running))
-        self._worker.run(selection.batch, self._finish, lone=lone)
+        self._worker.run(selection.batch, self._finish)
 
     def _finish(self, batch: list[Pending], outcome: RunResult | BaseException) -> None:
         """A run came back (a loop callback: an error here would be lost, so none escapes)."""
@@ -416,12 +418,17 @@ class Batcher:
         metrics.padding_tokens.inc(run.padded_tokens - run.real_tokens)
         best = run.probabilities.argmax(axis=1).tolist()
         inference_ms = seconds * 1000
+        now = self._loop.time()
         for position, index in enumerate(run.rows):
             entry = batch[index]
             queue_s = max(0.0, run.started - entry.admitted)
             metrics.queue_wait.observe(queue_s)
             metrics.queue_wait_by_priority[entry.priority].observe(queue_s)
             if entry.future.done():
+                continue
+            if entry.deadline <= now:  # its run ended after its deadline: never a late answer
+                metrics.rejected["deadline"].inc()
+                entry.future.set_exception(DeadlineExceeded())
                 continue
             intent = best[position]
             probabilities = run.probabilities[position]
@@ -481,6 +488,7 @@ class Batcher:
             if not entry.future.done():
                 self._metrics.rejected["deadline"].inc()
                 entry.future.set_exception(DeadlineExceeded())
+        self._deadline_timer_at = deadlines[0][0] if deadlines else math.inf
         self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_due) if deadlines else None
 
     def _fail_queued(self, error: HTTPError) -> None:

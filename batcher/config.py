@@ -277,12 +277,6 @@ class BatchingSettings:
     instances: int = 2
     """Model runs that may be in flight at once (worker threads sharing one session).
     Two single-threaded runs use 2 cores better than one two-threaded run (BENCHMARKS.md)."""
-    lone_threads: int = 0
-    """A lone request (the model otherwise idle, nothing else queued) runs on a second ONNX
-    Runtime session with this many intra-op threads (spinning allowed), instead of one
-    instance's single thread, so a lone client uses every core; under load the instances'
-    layout stays. 0 = off; -1 = one per core. The second session costs the model's memory
-    again. CPU only."""
     coalesce: bool = False
     """Requests whose model input (token ids and type ids) is identical while they wait
     share one row of a batch; each gets its own answer (`batcher_coalesced_rows_total`).
@@ -302,7 +296,6 @@ class BatchingSettings:
         _check_range("batching.max_queue_size", self.max_queue_size, 1, 1 << 20)
         _check_range("batching.request_timeout_s", self.request_timeout_s, 0.001, 3600)
         _check_range("batching.instances", self.instances, 1, 64)
-        _check_range("batching.lone_threads", self.lone_threads, -1, 256)
         _check_range("batching.worker_nice", self.worker_nice, 0, 19)
 
 

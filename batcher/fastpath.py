@@ -230,6 +230,7 @@ class Connection(asyncio.Protocol):
         "lane",
         "offset",
         "read_paused",
+        "refused_body",
         "refused_until",
         "resuming",
         "transport",
@@ -251,6 +252,8 @@ class Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.refused_until = 0.0
         """Loop time before which this connection's client was told not to come back (429)."""
+        self.refused_body = b""
+        """The body of the last request refused on this connection (a retry sends it again)."""
         self.forwarded = False
         self.closing = False
         self.write_paused = False
@@ -361,7 +364,7 @@ class Connection(asyncio.Protocol):
             data = parsed(body, lane.server, batch=False)
             runtime, request, waiting = start_prediction(lane.models, None, data, priority, deadline, started)
         except Exception as exc:
-            self.fail(exc, request_id, started)
+            self.fail(exc, request_id, started, body)
             return
         self.waiting = waiting
         waiting.add_done_callback(partial(self.finish, runtime, request, request_id, started))
@@ -384,12 +387,14 @@ class Connection(asyncio.Protocol):
             self.reply(200, payload, headers, request_id, started)
         self.serve(taken=1)
 
-    def fail(self, exc: Exception, request_id: str, started: float) -> None:
+    def fail(self, exc: Exception, request_id: str, started: float, body: bytes | None = None) -> None:
         lane = self.lane
         error = answer_for(exc, lane.metrics, lane.models.default, "POST", ROUTE)
-        if error.status == 429:
+        if error.status == 429 and body is not None:
             now = lane.loop.time()
-            held = 0.0 if self.forwarded else max(0.0, self.refused_until - now)
+            again = body == self.refused_body  # the same request again: the same client, not a neighbour
+            self.refused_body = body
+            held = max(0.0, self.refused_until - now) if again and not self.forwarded else 0.0
             retry_ms = error.headers.get("x-retry-after-ms")
             retry_s = min(int(retry_ms) / 1000 if retry_ms else 1.0, EARLY_RETRY_HOLD_S)
             self.refused_until = now + held + retry_s  # counted from when this 429 is written
@@ -399,11 +404,11 @@ class Connection(asyncio.Protocol):
         self.reply(error.status, orjson.dumps(error.body()), error.headers, request_id, started, close=error.close)
 
     def hold(self, error: HTTPError, request_id: str, started: float, seconds: float) -> None:
-        """A client that came back before its Retry-After gets its 429 only then: a retry
-        storm's refusals cost the loop (and the model threads under it) a refusal per
-        Retry-After per connection, not as many as the clients can send. Clients that wait
-        as told, and requests a proxy forwards (its clients share a connection), are not
-        held."""
+        """A client that sends the same request again before its Retry-After gets its 429 only
+        then: a retry storm's refusals cost the loop (and the model threads under it) a
+        refusal per Retry-After per connection, not as many as the clients can send. Clients
+        that wait as told, other requests on the same connection (clients a pool or a proxy
+        multiplexes), and requests a proxy says it forwards are answered at once."""
         lane = self.lane
         waiting: asyncio.Future[None] = lane.loop.create_future()
         self.waiting = waiting

@@ -9,9 +9,7 @@ building its successor beside it and swapping the two in one step of the loop.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -173,14 +171,6 @@ async def load_runtime(
             "(check model.max_seq_len, batching.max_batch_size and model.file)"
         ) from None
     batching = spec.batching
-    lone = None
-    if batching.lone_threads and isinstance(model, OnnxModel) and provider != CUDA:
-        threads = batching.lone_threads if batching.lone_threads > 0 else os.cpu_count() or 1
-        solo = dataclasses.replace(spec.model, intra_op_threads=threads, allow_spinning=True)
-        lone = await step(partial(OnnxModel, output=model.output, pad_id=encoder.pad_id), bundle, solo, provider)
-        await step(partial(warm_up, lone, pad_id=encoder.pad_id, batch_sizes=[1], lengths=list(WARMUP_LENGTHS),
-                           runs=spec.model.warmup_runs, cancelled=cancelled))  # fmt: skip
-        log.info("model %s: a lone request runs on a second session with %d threads", spec.name, threads)
     worker = Worker(
         model,
         encode=encoder.encode_batch,
@@ -190,7 +180,6 @@ async def load_runtime(
         activate=head.apply,
         sched_idle=batching.worker_sched_idle,
         nice=batching.worker_nice,
-        lone=lone,
     )
     model_metrics = metrics.for_model(spec.name)
     batcher = Batcher(worker, settings=batching, metrics=model_metrics, probe=probe_row)

@@ -119,18 +119,14 @@ class Worker:
         activate: Activate = softmax,
         sched_idle: bool = True,
         nice: int = 0,
-        lone: Model | None = None,
     ) -> None:
-        """`lone`: the model a lone row runs on (one using every core), when the batcher says
-        the model is otherwise idle."""
         self.model = model
-        self.lone = lone
         self.encode = encode
         self.activate = activate
         self.instances = instances
         self.pad_id = pad_id
         self._num_labels = num_labels
-        self._jobs: queue.SimpleQueue[tuple[list[Pending], Done, bool] | None] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[tuple[list[Pending], Done] | None] = queue.SimpleQueue()
         self._runs_started: dict[int, float] = {}  # thread id -> perf_counter() at run start
         self._loop: asyncio.AbstractEventLoop | None = None
         self._threads = [
@@ -145,10 +141,9 @@ class Worker:
         for thread in self._threads:
             thread.start()
 
-    def run(self, batch: list[Pending], done: Done, *, lone: bool = False) -> None:
-        """Queue `batch` for the next free thread; `done(batch, result or error)` is called on
-        the loop. `lone`: nothing else runs or waits, so a lone row may use the lone model."""
-        self._jobs.put((batch, done, lone))
+    def run(self, batch: list[Pending], done: Done) -> None:
+        """Queue `batch` for the next free thread; `done(batch, result or error)` is called on the loop."""
+        self._jobs.put((batch, done))
 
     def longest_run_s(self) -> float:
         """How long the oldest model call still in progress has run (0 when none is)."""
@@ -166,10 +161,10 @@ class Worker:
         while (job := self._jobs.get()) is not None:
             if self._closed:
                 continue
-            batch, done, lone = job
+            batch, done = job
             outcome: RunResult | BaseException
             try:
-                outcome = self.compute(batch, self.lone if lone and self.lone is not None else self.model)
+                outcome = self.compute(batch)
             except Exception as error:
                 outcome = error
             assert self._loop is not None
@@ -178,7 +173,7 @@ class Worker:
             except RuntimeError:  # the loop closed while this run was in progress
                 return
 
-    def compute(self, batch: list[Pending], model: Model | None = None) -> RunResult:
+    def compute(self, batch: list[Pending]) -> RunResult:
         """Drop rows that died while staged, tokenize, pad, run the model, activate (on a
         worker thread). A batch whose run fails is retried row by row, so one bad row fails
         alone; when every row fails on its own too, the batch's error is raised."""
@@ -199,7 +194,7 @@ class Worker:
         if not rows:
             return RunResult(self._no_rows(), self._no_rows(), [], [], unreadable, tokenize_s, started, started, 0, 0)
         try:
-            logits, real, padded = self._run([encoded[index] for index in rows], model or self.model)
+            logits, real, padded = self._run([encoded[index] for index in rows])
         except Exception:
             if len(rows) == 1:
                 raise
@@ -236,13 +231,13 @@ class Worker:
         probabilities = self.activate(stacked)
         return RunResult(probabilities, stacked, done, failed, unreadable, tokenize_s, started, finished, real, padded)
 
-    def _run(self, rows: Sequence[Encoded], model: Model | None = None) -> tuple[np.ndarray, int, int]:
+    def _run(self, rows: Sequence[Encoded]) -> tuple[np.ndarray, int, int]:
         """Logits for `rows` padded to their longest, and the real and padded token counts."""
         ids, mask, types = pad_batch(rows, self.pad_id)
         thread = threading.get_ident()
         self._runs_started[thread] = time.perf_counter()
         try:
-            logits = np.asarray((model or self.model).run(ids, mask, types), dtype=np.float32)
+            logits = np.asarray(self.model.run(ids, mask, types), dtype=np.float32)
         finally:
             del self._runs_started[thread]
         if logits.shape != (len(rows), self._num_labels):

@@ -8,11 +8,18 @@ One run, one machine, one corpus, one client, servers one at a time:
    request's own length;
 5. a tuning sweep over max_batch_size x max_wait_s;
 6. where the time goes: py-spy attached to batcher (defaults) through a 64-client step;
-7. side by side: batcher (defaults) and, in turn, mosec, PyTriton and the bare aiohttp
-   floor, two servers up at a time and their 64-client steps alternating (A B A B ...), so
-   that the ratios the targets read are not moved by the machine's drift between steps.
+7. side by side: batcher (defaults) and, in turn, mosec, PyTriton, Infinity and the bare
+   aiohttp floor, two servers up at a time and their 64-client steps alternating (A B A B
+   ...), so that the ratios the targets read are not moved by the machine's drift between
+   steps; with Infinity, first its answers against batcher's on the whole test split;
+8. promises kept under load (bench/promises.py): priorities, deadlines, coalescing, a retry
+   storm and a lone client, each against its bound.
 Each server gets a closed-loop step at 64 clients and an open-loop sweep; batcher also a
 closed-loop step at 1 client. Figures are written with the machine, command and date.
+
+`--only promises` runs phase 8 alone, `--only peers` batcher (defaults) and the peers (their
+steps, and the side by side); they write <out>/bench/results/PHASE.json and
+<out>/BENCHMARKS-PHASE.md, never BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -30,21 +37,28 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import numpy as np
+import orjson
 import uvloop
 
 from batcher.config import load_settings
 from batcher.model.bundle import choose_graph
-from bench import profile
+from bench import profile, promises
 from bench.ab import alternate
+from bench.benchmarks_md import INFINITY
 from bench.servers import MODEL, PEER_SETTINGS, ROOT, Server, batcher_server, naive_server, peer_server, provenance
-from loadtest.corpus import DEFAULT_CORPUS, Corpus
+from loadtest.corpus import DEFAULT_CORPUS, Corpus, classify_request
 from loadtest.driver import Load
 from loadtest.steps import highest_within_slo, run_steps
 
 SLO_P99_MS = 50.0
 # (bench/peers/ module, name in BENCHMARKS.md, the load generator's --endpoint for it)
-PEERS = (("mosec", "mosec 0.9.8", "predict"), ("pytriton", "PyTriton 0.7.0 (Triton 2.51)", "oip"))
+PEERS = (
+    ("mosec", "mosec 0.9.8", "predict"),
+    ("pytriton", "PyTriton 0.7.0 (Triton 2.51)", "oip"),
+    ("infinity", INFINITY, "classify"),
+)
 ZIPF = 1.1
 LAYOUTS = (("1 session x 2 threads", 1, 2), ("2 sessions x 1 thread", 2, 1), ("1 session x 1 thread", 1, 1))
 CEILING_BATCH_SIZES = (1, 8, 32, 64)
@@ -236,30 +250,71 @@ def bare_server(rate: float) -> Server:
     return Server("bare aiohttp + uvloop", args)
 
 
-async def side_by_side(corpus: Corpus, args: argparse.Namespace, rate: float) -> dict[str, Any]:
-    """batcher (defaults) against each of mosec, PyTriton and the floor, both up at once and
-    their 64-client steps alternating, SIDE_BY_SIDE_ROUNDS times: the step rows by pair."""
+async def side_by_side(
+    corpus: Corpus, args: argparse.Namespace, rate: float | None, parity: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """batcher (defaults) against each of mosec, PyTriton, Infinity and the floor (held to
+    `rate`; none without one), both up at once and their 64-client steps alternating,
+    `args.rounds` times: the step rows by pair. Infinity's answers are first compared with
+    batcher's (`infinity_parity`, into `parity`)."""
     others: list[tuple[Server | None, str]] = [
         (peer_server(name, peer, served_graph()), endpoint) for peer, name, endpoint in PEERS
     ]
-    others.append((bare_server(rate), "predict"))
+    if rate is not None:
+        others.append((bare_server(rate), "predict"))
     pairs: dict[str, Any] = {}
     for other, endpoint in others:
         if other is None:
             continue
         print(f"== side by side: {BATCHER} and {other.name}", file=sys.stderr)
+        on_up = None
+        if other.name == INFINITY and parity is not None:
+
+            async def on_up(up: list[Server], found: dict[str, Any] = parity) -> None:
+                found[INFINITY] = await infinity_parity(up[0].url, up[1].url, corpus)
+                print(f"{INFINITY}: answers against batcher's: {found[INFINITY]}", file=sys.stderr)
+
         steps = await alternate(
             [batcher_server(BATCHER), other],
             Load("closed", 64),
-            rounds=SIDE_BY_SIDE_ROUNDS,
+            rounds=args.rounds,
             duration_s=args.step_duration,
             warmup_s=1,
             corpus=corpus,
             seed=args.seed,
             endpoints={other.name: endpoint},
+            on_up=on_up,
         )
         pairs[other.name] = {"batcher": steps[BATCHER], "other": steps[other.name]}
     return pairs
+
+
+async def infinity_parity(batcher_url: str, infinity_url: str, corpus: Corpus) -> dict[str, Any]:
+    """Every dialogue of the corpus to both, one at a time: batcher through the Open
+    Inference Protocol (its float32 probabilities, the dialogue as JSON turns), Infinity's
+    /classify with the text batcher builds (loadtest.corpus.classify_request). The largest
+    difference of any label's probability, and how many got the same intent."""
+    worst, same, multi = 0.0, 0, 0
+    labels: list[str] = json.loads((MODEL / "labels.json").read_text(encoding="utf-8"))
+    async with aiohttp.ClientSession() as session:
+        for dialogue in corpus.dialogues:
+            text = orjson.dumps({"turns": dialogue["turns"]}).decode()
+            oip = {"inputs": [{"name": "text", "shape": [1], "datatype": "BYTES", "data": [text]}]}
+            async with session.post(f"{batcher_url}/v2/models/intent-zh/infer", json=oip) as response:
+                outputs = {o["name"]: o["data"] for o in (await response.json())["outputs"]}
+            async with session.post(f"{infinity_url}/classify", json=classify_request(dialogue)) as response:
+                scores = {item["label"]: item["score"] for item in (await response.json())["data"][0]}
+            probabilities = zip(labels, outputs["probabilities"], strict=True)
+            worst = max(worst, *(abs(scores[label] - p) for label, p in probabilities))
+            same += max(scores, key=lambda label: scores[label]) == outputs["intent_name"][0]
+            turns = dialogue["turns"]
+            multi += isinstance(turns, list) and len(turns) > 1
+    return {
+        "dialogues": len(corpus.dialogues),
+        "multi_turn": multi,
+        "max_abs_diff": worst,
+        "same_intent": same,
+    }
 
 
 async def cache_replay(args: argparse.Namespace) -> dict[str, Any]:
@@ -348,8 +403,32 @@ def header(args: argparse.Namespace, corpus: Corpus) -> dict[str, Any]:
     }
 
 
+async def peers(corpus: Corpus, args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Each peer measured as batcher is (`measure_server`), one at a time."""
+    results["peers"] = {"settings": PEER_SETTINGS, "missing": [], "servers": {}, "parity": {}}
+    for peer, name, endpoint in PEERS:
+        found = peer_server(name, peer, served_graph())
+        if found is None:
+            print(f"== {name}: skipped (no .venv-peers/{peer}; make bench-peers-setup)", file=sys.stderr)
+            results["peers"]["missing"].append(peer)
+            continue
+        print(f"== {name}", file=sys.stderr)
+        with found:
+            results["peers"]["servers"][name] = await measure_server(found, corpus, args, endpoint)
+
+
 async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
     corpus = Corpus(args.corpus, seed=args.seed)
+    if args.only == "promises":
+        results["promises"] = await promises.run(args, served_graph())
+        return results
+    if args.only == "peers":
+        with batcher_server(BATCHER) as server:
+            print(f"== {BATCHER}", file=sys.stderr)
+            results["servers"] = {BATCHER: await measure_server(server, corpus, args)}
+        await peers(corpus, args, results)
+        results["side_by_side"] = await side_by_side(corpus, args, None, results["peers"]["parity"])
+        return results
     results["ceiling"] = ceiling(corpus, args.ceiling_seconds)
     print("== one client, batched vs not, interleaved", file=sys.stderr)
     results["lone_client"] = await lone_client(corpus, args)
@@ -365,16 +444,7 @@ async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
         with server:
             servers[server.name] = await measure_server(server, corpus, args)
     results["servers"] = servers
-    results["peers"] = {"settings": PEER_SETTINGS, "missing": [], "servers": {}}
-    for peer, name, endpoint in PEERS:
-        found = peer_server(name, peer, served_graph())
-        if found is None:
-            print(f"== {name}: skipped (no .venv-peers/{peer}; make bench-peers-setup)", file=sys.stderr)
-            results["peers"]["missing"].append(peer)
-            continue
-        print(f"== {name}", file=sys.stderr)
-        with found:
-            results["peers"]["servers"][name] = await measure_server(found, corpus, args, endpoint)
+    await peers(corpus, args, results)
     rate = servers[BATCHER]["closed64"]["throughput_rps"]
     print("== the floor: a bare aiohttp server held to batcher's rate; batcher with an instant model", file=sys.stderr)
     results["floor"] = await floor(corpus, args, rate)
@@ -382,7 +452,9 @@ async def bench(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, 
     results["cache"] = await cache_replay(args)
     print("== batcher (defaults) under py-spy", file=sys.stderr)
     results["profile"] = await profile_batcher(corpus, args)
-    results["side_by_side"] = await side_by_side(corpus, args, rate)
+    results["side_by_side"] = await side_by_side(corpus, args, rate, results["peers"]["parity"])
+    print("== promises kept under load (bench/promises.py)", file=sys.stderr)
+    results["promises"] = await promises.run(args, served_graph())
     if not args.skip_tuning:
         rate = round(servers[BATCHER]["closed64"]["throughput_rps"] / 2, 1)
         results["tuning_rate"] = rate
@@ -399,17 +471,33 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="corpus order and arrivals")
     parser.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS, help="JSONL corpus (default: test split)")
     parser.add_argument("--skip-tuning", action="store_true", help="skip the max_batch_size x max_wait_s sweep")
+    parser.add_argument(
+        "--rounds", type=int, default=SIDE_BY_SIDE_ROUNDS, help="steps per server where two alternate (default: 3)"
+    )
+    parser.add_argument(
+        "--storm-duration", type=float, default=10, help="seconds of each retry-storm step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--only",
+        choices=["promises", "peers"],
+        help="run one phase alone, into <out>/BENCHMARKS-PHASE.md and <out>/bench/results/PHASE.json",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--out", type=Path, default=ROOT, help="where BENCHMARKS.md and bench/results/ go")
     args = parser.parse_args()
-    results = uvloop.run(bench(args, header(args, Corpus(args.corpus, seed=args.seed))))
+    results = header(args, Corpus(args.corpus, seed=args.seed))
+    if args.only:
+        results["only"] = args.only
+    results = uvloop.run(bench(args, results))
     out_dir = args.out / "bench" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
+    name = args.only or "results"
+    (out_dir / f"{name}.json").write_text(json.dumps(results, indent=1, ensure_ascii=False) + "\n")
     from bench.benchmarks_md import render
 
-    (args.out / "BENCHMARKS.md").write_text(render(results, out_dir), encoding="utf-8")
-    print(f"wrote {args.out / 'BENCHMARKS.md'} and {out_dir}/", file=sys.stderr)
+    document = args.out / (f"BENCHMARKS-{args.only}.md" if args.only else "BENCHMARKS.md")
+    document.write_text(render(results, out_dir), encoding="utf-8")
+    print(f"wrote {document} and {out_dir / f'{name}.json'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,14 +44,20 @@ async def alternate(
     corpus: Corpus,
     seed: int,
     endpoints: Mapping[str, str] | None = None,
+    on_up: Callable[[list[Server]], Awaitable[None]] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
     """Every server up at once, one step each in turn (A B A B ...), `rounds` times: drift of
     a shared machine hits all alike. `endpoints` gives the load generator's --endpoint by
-    server name (default predict). The step rows by server name."""
+    server name (default predict); `on_up` runs once all are up, before the steps. The step
+    rows by server name."""
     steps: dict[str, list[dict[str, Any]]] = {server.name: [] for server in servers}
-    for server in servers:
-        server.__enter__()
+    started: list[Server] = []
     try:
+        for server in servers:
+            server.__enter__()
+            started.append(server)
+        if on_up is not None:
+            await on_up(servers)
         for round_ in range(rounds):
             for server in servers:
                 assert server.process is not None
@@ -70,7 +76,7 @@ async def alternate(
                 cells = ", ".join(f"{label} {get(rows[0]):.1f}" for label, get in FIELDS)
                 print(f"round {round_ + 1} {server.name}: {cells}", file=sys.stderr)
     finally:
-        for server in servers:
+        for server in started:
             server.__exit__()
     return steps
 

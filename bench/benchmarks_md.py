@@ -24,6 +24,8 @@ def _check(ok: bool) -> str:
 
 
 def render(results: dict[str, Any], out_dir: Path) -> str:
+    if results.get("only"):
+        return _partial(results)
     servers = results["servers"]
     report.plot_latency(
         {name: s["sweep"] for name, s in servers.items()},
@@ -117,6 +119,7 @@ def render(results: dict[str, Any], out_dir: Path) -> str:
     lines += _floor_lines(results, batcher64)
     lines += _side_lines(results)
     lines += _cache_lines(results)
+    lines += _promises_lines(results)
     lines += _profile_lines(results.get("profile"))
     lone = results["lone_client"]
     rounds = len(lone[BATCHER]["step_medians_ms"])
@@ -232,10 +235,11 @@ MOSEC = "mosec 0.9.8"
 
 
 def _field(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """batcher, the peers and the naive servers, in the order the comparison shows them."""
+    """batcher, the peers and the naive servers (those run), in the order the comparison shows them."""
     servers = results["servers"]
     peers = results.get("peers", {}).get("servers", {})
-    return {BATCHER: servers[BATCHER], **peers, NAIVE_DYNAMIC: servers[NAIVE_DYNAMIC], NAIVE_MAX: servers[NAIVE_MAX]}
+    naive = {name: servers[name] for name in (NAIVE_DYNAMIC, NAIVE_MAX) if name in servers}
+    return {BATCHER: servers[BATCHER], **peers, **naive}
 
 
 def _held(server: dict[str, Any]) -> float:
@@ -286,8 +290,9 @@ def _peer_lines(results: dict[str, Any]) -> list[str]:
         f"{settings['THREADS']} ONNX Runtime thread, batches of up to {settings['BATCH']}, a {settings['WAIT_MS']} ms "
         "batch wait (the better of 2 × 1 and 1 × 2 threads for both when tried on this machine). mosec takes "
         "batcher's `/predict` body; PyTriton speaks only the Open Inference Protocol, so it gets the same "
-        "dialogues as KServe v2 `infer` requests (`--endpoint oip`, a BYTES tensor of shape [1, 1]). "
-        "Ratios are batcher's figure over the row's. CPU per request is the whole process tree's (every worker, "
+        "dialogues as KServe v2 `infer` requests (`--endpoint oip`, a BYTES tensor of shape [1, 1])."
+        + (_infinity_sentence(settings, peers.get("parity", {})) if INFINITY in peers["servers"] else "")
+        + " Ratios are batcher's figure over the row's. CPU per request is the whole process tree's (every worker, "
         "Triton's stubs), model included.",
         "",
         "| server | 64 clients req/s | p99 ms | batcher × | 1 client req/s | p50 ms | batcher × "
@@ -307,6 +312,45 @@ def _peer_lines(results: dict[str, Any]) -> list[str]:
     if peers["missing"]:
         lines += ["", f"Not run (no environment; `make bench-peers-setup`): {', '.join(peers['missing'])}."]
     return lines
+
+
+INFINITY = "Infinity 0.0.78 (optimum engine)"
+
+
+def _infinity_sentence(settings: dict[str, str], parity: dict[str, Any]) -> str:
+    described = (
+        " Infinity runs its own engine (`bench/peers/infinity_server.py`: `--engine optimum`, CPU, batches of up "
+        f"to {settings['BATCH']}, its ONNX Runtime session's default threads, no batch-wait setting; the same graph "
+        "renamed `model_quantized.onnx`, served without optimum's graph rewrite) and takes text only, so it gets "
+        "the text batcher builds from each dialogue (`用户：` + the user's text, turns joined by [SEP]; "
+        "`--endpoint classify`, `POST /classify`)."
+    )
+    found = parity.get(INFINITY)
+    if not found:
+        return described
+    return described + (
+        f" Fed that text, it gave batcher's answers: over the {found['dialogues']} dialogues of "
+        f"the test split ({found['multi_turn']} multi-turn), the largest difference of any label's probability "
+        f"was {found['max_abs_diff']:.2g}, and {found['same_intent']} of {found['dialogues']} got the same intent "
+        "(ONNX Runtime of the server's version in its environment)."
+    )
+
+
+def _partial(results: dict[str, Any]) -> str:
+    """One phase run alone (`python -m bench --only PHASE`): its own sections, no targets."""
+    lines = [
+        f"# Benchmarks: `--only {results['only']}`",
+        "",
+        f"Measured on {results['date']}, commit `{results['commit']}`, on {results['machine']}.",
+        f"Command: `{results['command']}`. Corpus: `{results['corpus']['path']}` "
+        f"({results['corpus']['dialogues']} dialogues), graph `{results.get('graph', 'model.onnx')}`.",
+        "A phase run alone: only its sections; BENCHMARKS.md comes from a whole `make bench`.",
+    ]
+    if "servers" in results:
+        lines += _peer_lines(results)
+        lines += _side_lines(results)
+    lines += _promises_lines(results)
+    return "\n".join([*lines, ""])
 
 
 def _graph_lines(servers: dict[str, Any]) -> list[str]:
@@ -476,3 +520,360 @@ def _profile_lines(profile: dict[str, Any] | None) -> list[str]:
 
 def _pct(value: object) -> str:
     return f"{value:.0%}" if isinstance(value, float) else "-"
+
+
+# The promises phase (bench/promises.py, issue 30).
+COALESCE_NOISE = 0.03
+"""Coalescing on is "no worse" than off when its median req/s is at least 97 % of off's and
+its median p99 at most 103 %: the steps of two servers on shared cores move by more than that."""
+AB_NOISE = 0.05
+"""64-client req/s "within noise" of the commit before: at least 95 % of it (medians)."""
+LONE_SETTING = "batching.lone_threads=-1"
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def _rows_per_request(row: dict[str, Any]) -> float:
+    """Model rows computed per request answered 200 in a step (the server's batch sizes)."""
+    server = row.get("server") or {}
+    rows = (server.get("batches") or 0) * (server.get("mean_batch_size") or 0)
+    ok = row["statuses"].get("200", 0)
+    return rows / ok if ok else float("nan")
+
+
+def _refused(row: dict[str, Any]) -> int:
+    """Requests not answered 200 for want of capacity or time: 429, 503, 504, timeouts."""
+    return sum(row["statuses"].get(k, 0) for k in ("429", "503", "504", "timeout"))
+
+
+def promise_rows(promises: dict[str, Any]) -> list[tuple[str, str, str, str]]:
+    """(scenario, bound, measured, met / not met / not run) for each of issue 30's bounds."""
+    out: list[tuple[str, str, str, str]] = []
+
+    def not_run(scenario: str, bounds: tuple[str, ...], why: str) -> None:
+        out.extend((scenario, bound, f"not run: {why}", "not run") for bound in bounds)
+
+    p = promises.get("priorities", {})
+    bounds: tuple[str, ...] = (
+        "high priority p99 at 2× saturation ≤ 2× its p99 at half load",
+        "≤ 0.1 % of high-priority requests refused at 2× saturation",
+        "no low-priority request waits > 1 s beyond its wait without priorities",
+    )
+    if "not_run" in p or not p:
+        not_run("Priorities", bounds, p.get("not_run", "not measured"))
+    else:
+        high_over = p["over"]["modes"]["by_priority"].get("high", {})
+        high_half = p["half"]["modes"]["by_priority"].get("high", {})
+        a, b = high_over.get("p99_ms") or float("nan"), high_half.get("p99_ms") or float("nan")
+        out.append(("Priorities", bounds[0], f"{a:.1f} vs {b:.1f} ms = {a / b:.2f}×", _check(a <= 2 * b)))
+        share = high_over.get("refused_share")
+        share = float("nan") if share is None else share
+        out.append(
+            (
+                "Priorities",
+                bounds[1],
+                f"{share:.2%} ({high_over.get('statuses', {}).get('429', 0)} of {high_over.get('requests', 0)})",
+                _check(share <= 0.001),
+            )
+        )
+        low = p["over"]["modes"]["by_priority"].get("low", {})
+        plain = p["plain"]["modes"]["by_priority"].get("none", {})
+        low_max, plain_max = low.get("ok_max_ms"), plain.get("ok_max_ms")
+        low_p99, plain_p99 = low.get("ok_p99_ms"), plain.get("ok_p99_ms")
+        if low_max is None or plain_max is None or low_p99 is None or plain_p99 is None:
+            out.append(("Priorities", bounds[2], "no low-priority request answered 200", "**not met**"))
+        else:
+            extra = low_max - plain_max
+            out.append(
+                (
+                    "Priorities",
+                    bounds[2],
+                    f"slowest 200: {low_max:.0f} vs {plain_max:.0f} ms ({extra:+.0f} ms); p99 {low_p99:.0f} vs "
+                    f"{plain_p99:.0f} ms ({low_p99 - plain_p99:+.0f} ms)",
+                    _check(extra <= 1000),
+                )
+            )
+    d = promises.get("deadlines", {})
+    bounds = (
+        "no 200 whose server-side total time exceeds its deadline (100 ms, 2× saturation)",
+        "≥ 95 % of refused requests refused at admission (≤ 10 ms), not as 504 after waiting",
+        "goodput (answers within their deadline per second) ≥ count-based admission's",
+    )
+    if "not_run" in d or not d:
+        not_run("Deadlines", bounds, d.get("not_run", "not measured"))
+    else:
+        with_, without = d["with"], d["without"]
+        dl = with_["modes"]["deadline"]
+        ok = with_["statuses"].get("200", 0)
+        late = dl["server_late_200"] or 0
+        unknown = dl["server_time_unknown"] or 0
+        out.append(
+            (
+                "Deadlines",
+                bounds[0],
+                f"{late} of {ok}" + (f" ({unknown} without a server time)" if unknown else ""),
+                _check(late == 0 and unknown == 0),
+            )
+        )
+        refused, door = _refused(with_), with_["modes"]["refused_at_door"]
+        share = door / refused if refused else 1.0
+        out.append(("Deadlines", bounds[1], f"{door} of {refused} ({share:.1%})", _check(share >= 0.95)))
+        g_with, g_without = dl["goodput_rps"], without["modes"]["deadline"]["goodput_rps"]
+        out.append(
+            (
+                "Deadlines",
+                bounds[2],
+                f"{g_with:.0f} vs {g_without:.0f} answers/s = {_ratio(g_with, g_without)}",
+                _check(g_with >= g_without),
+            )
+        )
+    c = promises.get("coalescing", {})
+    bounds = (
+        "Zipf replay, cache off, 64 clients: ≤ 0.7 model rows per request",
+        "answers identical to coalescing off",
+        f"p99 and req/s no worse than coalescing off (medians, {COALESCE_NOISE:.0%} for noise)",
+    )
+    if "not_run" in c or not c:
+        not_run("Coalescing", bounds, c.get("not_run", "not measured"))
+    else:
+        rows = _median([_rows_per_request(r) for r in c["on"]])
+        rows_off = _median([_rows_per_request(r) for r in c["off"]])
+        out.append(("Coalescing", bounds[0], f"{rows:.2f} (off: {rows_off:.2f})", _check(rows <= 0.7)))
+        a = c["answers"]
+        out.append(
+            (
+                "Coalescing",
+                bounds[1],
+                f"{a['differing']} of {a['requests']} answers differ ({a['dialogues']} dialogues × {a['copies']} "
+                f"identical requests at once; {a['rows_per_request']} rows per request)",
+                _check(a["differing"] == 0),
+            )
+        )
+        rps_on, rps_off = (
+            _median([r["throughput_rps"] for r in c["on"]]),
+            _median([r["throughput_rps"] for r in c["off"]]),
+        )
+        p99_on, p99_off = _median([r["p99_ms"] for r in c["on"]]), _median([r["p99_ms"] for r in c["off"]])
+        held = rps_on >= (1 - COALESCE_NOISE) * rps_off and p99_on <= (1 + COALESCE_NOISE) * p99_off
+        out.append(
+            (
+                "Coalescing",
+                bounds[2],
+                f"{rps_on:.0f} vs {rps_off:.0f} req/s ({_ratio(rps_on, rps_off)}), "
+                f"p99 {p99_on:.1f} vs {p99_off:.1f} ms",
+                _check(held),
+            )
+        )
+    s = promises.get("storm", {})
+    bounds = (
+        "512 connections resending at once on 429 keep ≥ 70 % of the 64-client rate answered 200",
+        "a new client during the storm gets its answer (any status) within 100 ms at p99",
+    )
+    if "not_run" in s or not s:
+        not_run("Retry storm", bounds, s.get("not_run", "not measured"))
+    else:
+        storm_ok = s["storm"]["modes"]["retry"]["ok_rps"]
+        polite_ok = s["polite"]["modes"]["retry"]["ok_rps"]
+        share = storm_ok / polite_ok if polite_ok else float("nan")
+        out.append(
+            (
+                "Retry storm",
+                bounds[0],
+                f"{storm_ok:.0f} vs {polite_ok:.0f} 200s/s = {share:.0%}",
+                _check(share >= 0.7),
+            )
+        )
+        probe = s["storm"]["modes"]["retry"].get("probe") or {}
+        p99 = probe.get("p99_ms")
+        out.append(
+            (
+                "Retry storm",
+                bounds[1],
+                "no probe" if p99 is None else f"p99 {p99:.1f} ms over {probe['requests']} new connections",
+                _check(p99 is not None and p99 <= 100),
+            )
+        )
+    lone, ab = promises.get("lone", {}), promises.get("ab64", {})
+    bound = "≥ 1.0× the naive inline server's req/s at 1 client"
+    if "not_run" in lone or not lone:
+        not_run("Lone client", (bound,), lone.get("not_run", "not measured"))
+    else:
+        naive = _median([r["throughput_rps"] for r in lone["naive"]])
+        for label, key in (("defaults", "batcher"), (LONE_SETTING, "lone")):
+            if lone.get(key):
+                ours = _median([r["throughput_rps"] for r in lone[key]])
+                measured = f"{label}: {ours:.0f} vs {naive:.0f} req/s = {_ratio(ours, naive)}"
+                out.append(("Lone client", bound, measured, _check(ours >= naive)))
+    bound = f"64-client req/s within noise ({AB_NOISE:.0%}) of the commit before issue 30 (A/B, same run)"
+    if "not_run" in ab or not ab:
+        not_run("Lone client", (bound,), ab.get("not_run", "not measured"))
+    else:
+        before = _median([r["throughput_rps"] for r in ab["before"]])
+        for label, key in (("defaults", "after"), (LONE_SETTING, "lone")):
+            if ab.get(key):
+                after = _median([r["throughput_rps"] for r in ab[key]])
+                measured = f"{label}: {after:.0f} vs {before:.0f} req/s at {ab['baseline']} = {_ratio(after, before)}"
+                out.append(("Lone client", bound, measured, _check(after >= (1 - AB_NOISE) * before)))
+    return out
+
+
+def _promises_lines(results: dict[str, Any]) -> list[str]:
+    promises = results.get("promises")
+    if not promises:
+        return []
+    saturation = promises.get("saturation", {}).get("rps")
+    lines = [
+        "",
+        "## Promises kept under load (issue 30)",
+        "",
+        "`bench/promises.py`, one server at a time unless a scenario says otherwise. The saturation rate is batcher "
+        "(defaults)'s 64-client closed-loop rate measured at the phase's start"
+        + (f": **{saturation:.0f} req/s** in this run" if saturation else "")
+        + ". Open-loop latency counts from each request's scheduled send time; a request counts as refused at "
+        "admission when its 429 came back within 10 ms of being sent (client-side, so at least the server's own "
+        "time). A scenario the server could not run yet says why (a malformed `x-priority` or `x-deadline-ms` "
+        "answered other than 422; `batching.coalesce` refused by the settings).",
+        "",
+        "| scenario | bound | measured | |",
+        "|---|---|---|---|",
+    ]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in promise_rows(promises)]
+    p = promises.get("priorities", {})
+    if p and "not_run" not in p:
+        mix = ", ".join(f"{share:.0%} {name}" for name, share in p["mix"].items())
+        lines += [
+            "",
+            f"Priorities: open loop (Poisson), {mix}; half load {p['rate_half']:g} req/s, overload "
+            f"{p['rate_over']:g} req/s, and the overload again without priorities. Latency of every request (any "
+            'status); "200s" columns of the answered ones only.',
+            "",
+            "| step | priority | requests | 200/s | 429s | other errors | p50 ms | p99 ms | max ms | 200s p99 ms "
+            "| 200s max ms |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, key in (("half load", "half"), ("2× saturation", "over"), ("2×, no priorities", "plain")):
+            for name, stats in p[key]["modes"]["by_priority"].items():
+                errors = sum(v for k, v in stats["statuses"].items() if k not in ("200", "429"))
+                lines.append(
+                    f"| {label} | {name} | {stats['requests']} | {stats['ok_rps']:.0f} "
+                    f"| {stats['statuses'].get('429', 0)} | {errors} | {_num(stats['p50_ms'])} "
+                    f"| {_num(stats['p99_ms'])} | {_num(stats['max_ms'])} | {_num(stats['ok_p99_ms'])} "
+                    f"| {_num(stats['ok_max_ms'])} |"
+                )
+    d = promises.get("deadlines", {})
+    if d and "not_run" not in d:
+        lines += [
+            "",
+            f"Deadlines: open loop at {d['rate']:g} req/s; with `x-deadline-ms: {d['deadline_ms']:g}` on every "
+            f"request, and without (count-based admission: `max_queue_size` and the 10 s timeout), both judged "
+            f"against {d['deadline_ms']:g} ms.",
+            "",
+            "| step | 200/s | goodput/s | 200s late (client) | 200s late (server) | 429s by type | 504s "
+            "| refused at admission | p99 ms |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for label, key in (("with deadlines", "with"), ("count-based admission", "without")):
+            row = d[key]
+            m, dl = row["modes"], row["modes"]["deadline"]
+            kinds = ", ".join(f"{k} {v}" for k, v in m["refused_by_type"].items()) or "none"
+            server_late = "-" if dl["server_late_200"] is None else str(dl["server_late_200"])
+            lines.append(
+                f"| {label} | {row['statuses'].get('200', 0) / row['duration_s']:.0f} | {dl['goodput_rps']:.0f} "
+                f"| {dl['late_200']} | {server_late} | {kinds} | {row['statuses'].get('504', 0)} "
+                f"| {m['refused_at_door']} of {_refused(row)} | {row['p99_ms']:.1f} |"
+            )
+    c = promises.get("coalescing", {})
+    if c and "not_run" not in c:
+        lines += [
+            "",
+            f"Coalescing: the test split replayed Zipf-distributed (exponent {c['zipf']:g}), cache off, "
+            f"{c['clients']} clients; both servers up, steps alternating, {len(c['on'])} rounds; medians.",
+            "",
+            "| batching.coalesce | req/s | p99 ms | model rows per request | mean batch |",
+            "|---|---|---|---|---|",
+        ]
+        for label, key in (("true", "on"), ("false", "off")):
+            steps = c[key]
+            lines.append(
+                f"| {label} | {_median([r['throughput_rps'] for r in steps]):.0f} "
+                f"| {_median([r['p99_ms'] for r in steps]):.1f} "
+                f"| {_median([_rows_per_request(r) for r in steps]):.2f} "
+                f"| {_median([(r['server'] or {}).get('mean_batch_size') or 0 for r in steps]):.2f} |"
+            )
+    s = promises.get("storm", {})
+    if s and "not_run" not in s:
+        lines += [
+            "",
+            f"Retry storm: {s['duration_s']:g} s each, closed loop; storm: every 429 resent at once; polite: after "
+            "`x-retry-after-ms`. The probe is a separate process opening a new connection every 50 ms "
+            "(`loadtest/probe.py`); its latency is to any answer.",
+            "",
+            "| clients | retry | 200/s | 429s/s | probe requests | probe p50 ms | probe p99 ms | probe max ms "
+            "| probe statuses |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for key in ("polite", "storm"):
+            row = s[key]
+            retry = row["modes"]["retry"]
+            probe = retry.get("probe") or {}
+            statuses = ", ".join(f"{k} {v}" for k, v in probe.get("statuses", {}).items()) or "-"
+            lines.append(
+                f"| {row['target']:g} | {retry['mode']} | {retry['ok_rps']:.0f} "
+                f"| {row['statuses'].get('429', 0) / row['duration_s']:.0f} | {probe.get('requests', '-')} "
+                f"| {_num(probe.get('p50_ms'))} | {_num(probe.get('p99_ms'))} | {_num(probe.get('max_ms'))} "
+                f"| {statuses} |"
+            )
+    lone, ab = promises.get("lone", {}), promises.get("ab64", {})
+    if lone and "not_run" not in lone:
+        lines += [
+            "",
+            f"A lone client: batcher (defaults), batcher with `{LONE_SETTING}` (a lone request on a second session "
+            "of one thread per core) where the server has it, and the naive inline server "
+            "(`bench/baselines/naive_server.py`: FastAPI, one ONNX Runtime session on every core, each request run "
+            "alone, padded to its own length, the same graph), all up, 1-client steps alternating, "
+            f"{len(lone['batcher'])} rounds; medians.",
+            "",
+            "| server | req/s | p50 ms | p99 ms |",
+            "|---|---|---|---|",
+        ]
+        for label, key in (
+            ("batcher (defaults)", "batcher"),
+            (f"batcher, {LONE_SETTING}", "lone"),
+            ("naive, dynamic padding", "naive"),
+        ):
+            steps = lone.get(key)
+            if not steps:
+                continue
+            lines.append(
+                f"| {label} | {_median([r['throughput_rps'] for r in steps]):.0f} "
+                f"| {_median([r['p50_ms'] for r in steps]):.2f} | {_median([r['p99_ms'] for r in steps]):.2f} |"
+            )
+    if ab and "not_run" not in ab:
+        lines += [
+            "",
+            f"64 clients: {ab['baseline']} (the commit before issue 30, in a git worktree) and this checkout, "
+            f"with its defaults and with `{LONE_SETTING}` where it has it, all up, steps alternating, "
+            f"{len(ab['after'])} rounds; medians.",
+            "",
+            "| server | req/s | p99 ms | mean batch |",
+            "|---|---|---|---|",
+        ]
+        for label, key in (
+            (f"{ab['baseline']} (before issue 30)", "before"),
+            ("this checkout (defaults)", "after"),
+            (f"this checkout, {LONE_SETTING}", "lone"),
+        ):
+            steps = ab.get(key)
+            if steps:
+                lines.append(
+                    f"| {label} | {_median([r['throughput_rps'] for r in steps]):.0f} "
+                    f"| {_median([r['p99_ms'] for r in steps]):.1f} "
+                    f"| {_median([(r['server'] or {}).get('mean_batch_size') or 0 for r in steps]):.2f} |"
+                )
+    return lines
+
+
+def _num(value: object) -> str:
+    return f"{value:.1f}" if isinstance(value, int | float) else "-"

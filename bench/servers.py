@@ -114,14 +114,17 @@ PEER_SETTINGS = {"WORKERS": "2", "INSTANCES": "2", "THREADS": "1", "BATCH": "32"
 
 
 def peer_server(name: str, peer: str, graph: str, *, instant: bool = False) -> Server | None:
-    """mosec or PyTriton (bench/peers/) from its own virtual environment, configured as
-    batcher's defaults are: 2 workers of 1 ONNX Runtime thread, batches of up to 32, a 2 ms
-    wait. None when `make bench-peers-setup` has not made that environment."""
+    """mosec, PyTriton or Infinity (bench/peers/) from its own virtual environment, configured
+    as batcher's defaults are where the framework lets it: 2 workers of 1 ONNX Runtime thread,
+    batches of up to 32, a 2 ms wait (Infinity: batches of up to 32, its own engine's threads,
+    no wait setting). None when `make bench-peers-setup` has not made that environment."""
     python = PEERS_VENV / peer / "bin" / "python"
     if not python.exists():
         return None
     env = PEER_SETTINGS | {"BUNDLE": str(MODEL), "GRAPH": graph, "INSTANT": "1" if instant else "0"}
     args = [str(python), "-m", f"bench.peers.{peer}_server", "--port", "{port}"]
+    if peer == "infinity":
+        return Server(name, args, env=env, ready_path="/health")
     if peer == "mosec":
         args += ["--address", "127.0.0.1", "--log-level", "warning"]
     else:

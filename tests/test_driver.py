@@ -118,10 +118,13 @@ async def test_open_loop_counts_every_request_scheduled_during_a_stall(stalling_
     rate = 200
     result = await measure(stalling_server, Load("open", rate, "constant"))
     assert stalling_server.stalled
-    # Nothing dropped. (A few sends may be late: the server's catch-up after the stall
-    # competes for the GIL with the generator in this one process.)
+    # Nothing dropped. Sends may be late (the server's catch-up after the stall competes for
+    # the GIL with the generator in this one process, and a busy machine slows both): how
+    # many is the machine's speed, not the generator's logic, so no bound is put on it here
+    # (test_a_generator_that_falls_behind_counts_late_sends_and_charges_their_wait checks
+    # that late sends are counted and charged).
     assert result.answered == pytest.approx(rate * 1.2, abs=2)
-    assert result.unsent == 0 and result.late <= 0.1 * result.answered
+    assert result.unsent == 0
     # Requests due in the first STALL_S - 0.1 s of the stall waited over 100 ms each: about
     # 60 at 200/s. A coordinated (closed-loop) client would have recorded one.
     assert above_ms(result, 100) >= 0.75 * rate * (STALL_S - 0.1)

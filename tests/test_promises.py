@@ -14,7 +14,7 @@ from batcher.errors import DeadlineExceeded, PredictedLate, QueueFull, Validatio
 from batcher.handlers import METRICS, MODELS
 from batcher.promises import HIGH, LOW, NORMAL, PLAIN, Pace, Promise, promise_of, retry_headers
 from batcher.queue import BatchLimits, Pending, RequestQueue
-from tests.conftest import FakeModel, MakeBatcher, MakeClient, row
+from tests.conftest import MakeBatcher, MakeClient, row
 from tests.test_batching import handed_over, value
 from tests.test_fastpath import ONE, raw, read_answer
 
@@ -41,7 +41,7 @@ def test_the_pace_is_the_median_of_recent_runs_so_one_hung_run_does_not_skew_it(
         pace.ran(10, seconds)
     assert pace.known and pace.run_s == pytest.approx(0.010)
     assert pace.rows_per_s() == pytest.approx(2 * 10 / 0.010)
-    assert pace.wait_s(200) == pytest.approx(200 / 2000 + 0.010)
+    assert pace.wait_s(200) == pytest.approx(1.25 * 200 / 2000 + 2 * 0.010)
     assert retry_headers(0.0301) == {"Retry-After": "1", "x-retry-after-ms": "31"}
     assert retry_headers(2.2)["Retry-After"] == "3"
 
@@ -195,6 +195,9 @@ async def test_a_client_that_retries_before_its_retry_after_waits_for_its_429(ma
             answers += 1
         assert answers <= 3  # one refusal per Retry-After (1 s while the pace is unknown), not thousands
         assert value(client.app[METRICS], "batcher_held_refusals_total") == answers - 1 >= 1
+        started = time.perf_counter()
+        writer.write(raw({"turns": [{"text": "明天天气怎么样"}]}))  # another client on the same connection
+        assert (await read_answer(reader))[0] == 429 and time.perf_counter() - started < 0.2  # at once
         await asyncio.sleep(int(headers["x-retry-after-ms"]) / 1000)
         started = time.perf_counter()
         writer.write(raw(ONE))
@@ -245,27 +248,3 @@ async def test_coalesced_answers_equal_answers_computed_alone(make_client: MakeC
     alone = [await (await client.post("/predict", json=body)).json() for body in bodies[:2]]
     for index, result in enumerate(results):
         assert result["probabilities"] == alone[index % 2]["probabilities"]
-
-
-async def test_a_lone_request_runs_on_the_lone_model_and_load_on_the_instances(make_batcher: MakeBatcher) -> None:
-    lone = FakeModel(num_labels=4)
-    lone.armed = True
-    batcher, model, _ = make_batcher(lone=lone, held=False, max_batch_size=1, max_wait_s=0, instances=1)
-    await batcher.submit(row(3))
-    assert lone.batches == [1] and model.batches == []  # idle model, one request: every core
-    model.gate.clear()
-    lone.gate.clear()
-    first = batcher.submit(row(3))
-    await lone.started()
-    rest = [batcher.submit(row(3)) for _ in range(3)]  # queued behind a run: the instances take them
-    lone.gate.set()
-    model.gate.set()
-    await asyncio.gather(first, *rest)
-    assert lone.batches == [1, 1] and model.batches == [1, 1, 1]
-
-
-async def test_lone_threads_loads_a_second_session(make_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level("INFO", logger="batcher.runtime")
-    client = await make_client("batching.lone_threads=2")
-    assert (await client.post("/predict", json=ONE)).status == 200
-    assert any("a lone request runs on a second session with 2 threads" in r.getMessage() for r in caplog.records)
