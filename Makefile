@@ -69,7 +69,7 @@ bench: $(VENV)/.bench bench-peers-setup  ## the full benchmark with mosec, PyTri
 loadtest: $(VENV)/.bench  ## load a running server: make loadtest ARGS="run --concurrency 64"
 	$(PY) -m loadtest $(ARGS)
 
-reliability: $(VENV)/.dev  ## overload, disconnect storm, shutdown, 10-min soak, long fuzz: RELIABILITY.md (~20 min)
+reliability: $(VENV)/.dev  ## overload, disconnect storm, shutdown, fault matrix, 10-min soak, long fuzz: RELIABILITY.md (~40 min)
 	$(PY) -m bench.reliability $(ARGS)
 
 soak: reliability  ## the 10-minute soak is part of the reliability run (one run, one RELIABILITY.md)

@@ -325,15 +325,16 @@ class Models:
         lock = self._reloading.setdefault(name, asyncio.Lock())
         async with lock:
             old = self.get(name)
-            file = await asyncio.to_thread(
-                choose_graph, old.spec.directory, old.spec.model.file, on_gpu=old.provider == CUDA
-            )
-            version = await asyncio.to_thread(bundle_version, old.spec.directory, file, settings_key(old.spec.model))
-            if version == old.version:
-                return {"model": name, "status": "unchanged", "version": version}
-            try:
+            try:  # a bad bundle on disk (even a removed one) must not take the served one down
+                file = await asyncio.to_thread(
+                    choose_graph, old.spec.directory, old.spec.model.file, on_gpu=old.provider == CUDA
+                )
+                key = settings_key(old.spec.model)
+                version = await asyncio.to_thread(bundle_version, old.spec.directory, file, key)
+                if version == old.version:
+                    return {"model": name, "status": "unchanged", "version": version}
                 new = await load_runtime(old.spec, self._settings, self._metrics, cancelled=self._stopped)
-            except Exception as exc:  # a bad bundle on disk must not take the served one down
+            except Exception as exc:
                 reason = str(exc) if isinstance(exc, StartupError) else f"{type(exc).__name__}: {exc}"
                 log.error("reloading model %s failed; version %s keeps serving: %s", name, old.version, reason)
                 return {"model": name, "status": "failed", "version": old.version, "reason": snippet(reason, 300)}

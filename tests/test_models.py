@@ -142,6 +142,10 @@ async def test_reload_swaps_in_a_new_version_and_keeps_the_old_one_when_the_new_
     still = await client.post("/predict", json=ONE)
     assert still.status == 200 and still.headers["x-model-version"] == second
     assert any("reloading model intent-zh failed" in r.getMessage() for r in caplog.records)
+    shutil.rmtree(reloadable)  # the bundle removed on disk: the same answer, not a 500 with a traceback
+    gone = await client.post("/models/intent-zh/reload")
+    assert gone.status == 500 and (await gone.json())["error"]["type"] == "reload_failed"
+    assert (await client.post("/predict", json=ONE)).headers["x-model-version"] == second
 
 
 async def test_reload_is_not_served_unless_admin_is_enabled(make_client: MakeClient) -> None:
