@@ -58,7 +58,7 @@ CORPUS = (
     "我们有空一起去看风景好不好",
     "播放周杰伦的歌",
     "帮我订一张明天去上海的火车票",
-    "今天天气怎么样，会下雨吗",
+    "明天上海会不会刮大风，要带伞吗",
     "我的快递到哪里了？已经三天没有更新了",
     "请把客厅的灯关掉",
     "这家餐厅的菜太难吃了，服务也很差",
@@ -106,7 +106,7 @@ TEXTS = (
 PAIRS = (
     ("你好", "Hello there!"),
     ("我想订火车票", "I want to book a train ticket."),
-    ("Is it RAINING in Beijing?", "北京今天下雨吗 ☔"),
+    ("Is it RAINING in Beijing?", "北京明早会下雪吗 ☔"),
     ("😀🎉", "表情符号"),
     (LONG_ZH, "short one"),
     ("short one", LONG_EN),

@@ -241,7 +241,7 @@ async def test_a_shared_row_whose_clients_all_left_is_not_computed(make_batcher:
 async def test_coalesced_answers_equal_answers_computed_alone(make_client: MakeClient, coalesce: str) -> None:
     client = await make_client(f"batching.coalesce={coalesce}", "batching.instances=1")
     bodies = [
-        {"turns": [{"text": text}], "return_all_probs": True} for text in ("播放周杰伦的歌", "今天天气怎么样") * 6
+        {"turns": [{"text": text}], "return_all_probs": True} for text in ("播放周杰伦的歌", "后天上海会不会刮大风") * 6
     ]
     answers = await asyncio.gather(*(client.post("/predict", json=body) for body in bodies))
     results = [await answer.json() for answer in answers]
