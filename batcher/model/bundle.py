@@ -4,11 +4,12 @@ declaring how the model is fed and scored; the content hash that versions it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from batcher.errors import BundleError
 
@@ -113,6 +114,29 @@ def load_bundle(directory: Path, file: str = "model.onnx", settings_key: str = "
     labels, labels_from = _read_labels(directory, config)
     version = bundle_version(directory, file, settings_key)
     return ModelBundle(directory, model_path, labels, digest, version, labels_from, config, tokenizer_config, declared)
+
+
+S = TypeVar("S")
+
+
+def declared_settings(declared: dict[str, Any], section: str, settings: S) -> S:
+    """[model.SECTION] (`settings`, a dataclass whose unset keys are None) over batcher.json's
+    SECTION table, key by key; keys neither sets stay None. Unknown or ill-typed keys in the
+    declaration stop start-up naming the file."""
+    given = declared.get(section, {})
+    if not isinstance(given, dict):
+        raise BundleError(f"{DECLARATION}: {section} must be an object")
+    known = {field.name for field in dataclasses.fields(settings)}  # type: ignore[arg-type]
+    unknown = sorted(set(given) - known)
+    if unknown:
+        raise BundleError(
+            f"{DECLARATION}: unknown {section} keys {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
+        )
+    chosen = {**given, **{k: v for k, v in dataclasses.asdict(settings).items() if v is not None}}  # type: ignore[call-overload]
+    try:
+        return type(settings)(**{key: chosen.get(key) for key in known})
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{DECLARATION}: {exc}") from None
 
 
 def read_configs(directory: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:

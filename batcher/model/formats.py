@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from batcher.config import InputKind, InputSettings, ModelSettings, Side, TurnsKept
-from batcher.errors import BundleError, ValidationFailed
-from batcher.model.bundle import DECLARATION, ModelBundle, max_positions, read_configs
+from batcher.errors import ValidationFailed
+from batcher.model.bundle import DECLARATION, ModelBundle, declared_settings, max_positions, read_configs
 from batcher.model.dialogue import CHARS_PER_TOKEN, dialogue_text, last_user_text
 from batcher.model.tokenization import UNREADABLE, Encoded, Text, Tokens, load_tokenizer
 
@@ -75,23 +75,11 @@ def resolve_input(
     separator: str | None,
 ) -> InputFormat:
     """The input format from [model.input] over the bundle's declaration over the defaults."""
-    given = declared.get("input", {})
-    if not isinstance(given, dict):
-        raise BundleError(f"{DECLARATION}: input must be an object")
-    known = {field.name for field in dataclasses.fields(InputSettings)}
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise BundleError(
-            f"{DECLARATION}: unknown input keys {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
-        )
-    chosen = {**given, **{k: v for k, v in dataclasses.asdict(settings).items() if v is not None}}
-    try:
-        checked = InputSettings(**{key: chosen.get(key) for key in known})
-    except TypeError as exc:
-        raise BundleError(f"{DECLARATION}: {exc}") from None
+    checked = declared_settings(declared, "input", settings)
     kind = checked.format or "text"
     dialogue = kind == "dialogue"
-    sources = [name for name, table in ((DECLARATION, given), ("[model.input]", settings)) if _any_set(table)]
+    tables = ((DECLARATION, declared.get("input", {})), ("[model.input]", settings))
+    sources = [name for name, table in tables if _any_set(table)]
     return InputFormat(
         kind=kind,
         turns=checked.turns or ("all" if dialogue else "last_user"),

@@ -18,8 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from batcher.config import OutputSettings
-from batcher.errors import BundleError
-from batcher.model.bundle import DECLARATION
+from batcher.model.bundle import DECLARATION, declared_settings
 
 Function = Literal["softmax", "sigmoid", "none"]
 FUNCTIONS: tuple[Function, ...] = ("softmax", "sigmoid", "none")
@@ -78,20 +77,7 @@ def resolve_output(
     """The head from [model.output] over the bundle's declaration over `auto`. `final_op`:
     the operator that computes the graph's output (Softmax and Sigmoid mean it already gives
     probabilities)."""
-    given = declared.get("output", {})
-    if not isinstance(given, dict):
-        raise BundleError(f"{DECLARATION}: output must be an object")
-    known = {field.name for field in dataclasses.fields(OutputSettings)}
-    unknown = sorted(set(given) - known)
-    if unknown:
-        raise BundleError(
-            f"{DECLARATION}: unknown output keys {', '.join(unknown)}; allowed: {', '.join(sorted(known))}"
-        )
-    chosen = {**given, **{k: v for k, v in dataclasses.asdict(settings).items() if v is not None}}
-    try:
-        checked = OutputSettings(**{key: chosen.get(key) for key in known})
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{DECLARATION}: {exc}") from None
+    checked = declared_settings(declared, "output", settings)
     function: Function
     if checked.function not in (None, "auto"):
         function = checked.function  # type: ignore[assignment]
