@@ -128,6 +128,9 @@ class Batcher:
         self._queue = RequestQueue(settings.max_queue_size)
         self._policy = WaitPolicy(max_wait_s=settings.max_wait_s, instances=worker.instances)
         self._timeout_s = settings.request_timeout_s
+        self._max_wait_s = settings.max_queue_wait_s
+        self._floor_rows = (worker.instances + 1) * settings.max_batch_size  # every instance's batch and a staged one
+        self._inflight_rows = 0  # rows in the batches handed to the worker
         self._coalesce = settings.coalesce
         self._twins: dict[object, Twins] = {}  # the model input -> its waiting row and clients (coalesce)
         self._pace = Pace(worker.instances)
@@ -180,14 +183,34 @@ class Batcher:
 
     def check_admission(self, rows: int = 1, priority: int = 1) -> None:
         """Refuse (429) before any parsing when the queue cannot take `rows` more of
-        `priority`: under overload the refusal must cost the loop as little as possible."""
+        `priority`: past its share of `max_queue_size`, or behind more work than the model
+        drains in `max_queue_wait_s` (`standing_rows`). Under overload the refusal must cost
+        the loop as little as possible."""
         try:
             self._queue.check_room(rows, priority)
+            ahead = self._queue.ahead(priority)
+            # a large batch may start an empty queue
+            if ahead and ahead + self._inflight_rows + rows > self.standing_rows():
+                raise QueueFull(
+                    f"{ahead} requests of this priority or higher wait and {self._inflight_rows} run, more "
+                    f"than the model runs in {self._max_wait_s * 1000:.0f} ms (batching.max_queue_wait_s); retry later"
+                )
         except QueueFull as refused:
             self._metrics.rejected["queue_full"].inc()
             self._metrics.refused_by_priority[priority].inc(rows)
             refused.headers = self.retry_after()
             raise
+
+    def standing_rows(self) -> float:
+        """The most rows that may be queued or running: what the model drains in
+        `max_queue_wait_s` at its measured pace, at least a full batch for every instance
+        and a staged one (so 64 closed-loop clients are never refused with the defaults);
+        unbounded while the pace is unknown or the setting is 0 (`max_queue_size` bounds
+        the count regardless)."""
+        rate = self._pace.rows_per_s()
+        if not rate or not self._max_wait_s:
+            return math.inf
+        return max(self._floor_rows, rate * self._max_wait_s)
 
     def retry_after(self) -> dict[str, str]:
         """When a refused client may come back: the time the queue takes to drain at the
@@ -365,13 +388,16 @@ class Batcher:
         self._metrics.queue_depth.set(len(self._queue))
         if not selection.batch:
             return
+        lone = len(selection.batch) == 1 and not self._running and not self._queue
         self._running[id(selection.batch)] = selection.batch
+        self._inflight_rows += len(selection.batch)
         self._metrics.inflight_batches.set(len(self._running))
-        self._worker.run(selection.batch, self._finish)
+        self._worker.run(selection.batch, self._finish, lone=lone)
 
     def _finish(self, batch: list[Pending], outcome: RunResult | BaseException) -> None:
         """A run came back (a loop callback: an error here would be lost, so none escapes)."""
         del self._running[id(batch)]
+        self._inflight_rows -= len(batch)
         self._metrics.inflight_batches.set(len(self._running))
         self._wake()
         try:

@@ -66,7 +66,7 @@ async def _check(settings: Settings, out: TextIO, text: str | None) -> None:
         body = sample_body(runtime, text or (sample if isinstance(sample, str) and sample.strip() else SAMPLE_TEXT))
         show_input(runtime, body, out)
         started = time.perf_counter()
-        _, request, pending = start_prediction(models, spec.name, body)
+        _, request, _, pending = start_prediction(models, spec.name, body)
         answer, _ = finish_prediction(settings.log, "check", runtime, request, await pending, started)
         print(f"request   POST /predict {orjson.dumps(body).decode()}", file=out)
         print(f"answer    {orjson.dumps(answer).decode()}", file=out)
@@ -162,7 +162,7 @@ async def compare(runtime: Runtime, models: Models, settings: Settings, out: Tex
             expected = expected[0]
         want = {item["label"]: float(item["score"]) for item in expected}
         body = {"inputs": [given["text"], given["text_pair"]] if isinstance(given, dict) else given}
-        _, request, pending = start_prediction(models, runtime.name, body)
+        _, request, _, pending = start_prediction(models, runtime.name, body)
         answer, _ = finish_prediction(settings.log, "check", runtime, request, await pending, 0.0)
         got = {item["label"]: float(item["score"]) for item in answer}
         if set(got) != set(want):

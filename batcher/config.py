@@ -258,6 +258,16 @@ class BatchingSettings:
     work at the bundled model's maximum on 2 cores: under a 3x overload admitted requests
     kept a p99 of ~0.4 s (~1.1 s at 1024) and refusals stayed faster (RELIABILITY.md).
     Raise it with the hardware's throughput (roughly 0.2 s x requests/s)."""
+    max_queue_wait_s: float = 0.1
+    """Under overload, the requests queued and running are held to the work the model does
+    in this long at its measured pace (the median of its last 32 runs), though never below
+    a full batch for every instance and a staged one (96 rows with the defaults): a request
+    that would wait behind more, counting requests of its own priority or higher, is
+    refused at the door (429) with `Retry-After` set to the queue's drain. A standing queue
+    adds wait, not throughput: in a retry storm of 512 connections here a new client's p99
+    fell from ~0.3 s with the count bound alone to ~0.15 s (BENCHMARKS.md), while 100
+    closed-loop clients (~0.06 s of work here) are never refused. 0 keeps only
+    `max_queue_size`, which bounds the count regardless."""
     request_timeout_s: float = 10.0
     """Deadline from admission to answer; a request still queued then gets 504 and is
     never computed."""
@@ -277,6 +287,13 @@ class BatchingSettings:
     instances: int = 2
     """Model runs that may be in flight at once (worker threads sharing one session).
     Two single-threaded runs use 2 cores better than one two-threaded run (BENCHMARKS.md)."""
+    lone_threads: int = -1
+    """A lone request (the model otherwise idle, nothing else queued) runs on a second ONNX
+    Runtime session with this many intra-op threads (spinning allowed), on a thread of
+    normal priority, instead of one instance's single thread: a lone client uses every
+    core, while under load the instances' layout stays. -1 = one per core the process may
+    use; 0 = off. The second session costs the model's memory again. CPU only (on CUDA
+    the setting is ignored)."""
     coalesce: bool = False
     """Requests whose model input (token ids and type ids) is identical while they wait
     share one row of a batch; each gets its own answer (`batcher_coalesced_rows_total`).
@@ -294,8 +311,10 @@ class BatchingSettings:
         _check_range("batching.max_batch_tokens", self.max_batch_tokens, 1, 1 << 24)
         _check_range("batching.max_wait_s", self.max_wait_s, 0, 10)
         _check_range("batching.max_queue_size", self.max_queue_size, 1, 1 << 20)
+        _check_range("batching.max_queue_wait_s", self.max_queue_wait_s, 0, 3600)
         _check_range("batching.request_timeout_s", self.request_timeout_s, 0.001, 3600)
         _check_range("batching.instances", self.instances, 1, 64)
+        _check_range("batching.lone_threads", self.lone_threads, -1, 256)
         _check_range("batching.worker_nice", self.worker_nice, 0, 19)
 
 

@@ -35,6 +35,7 @@ from batcher.auth import Access
 from batcher.batching import Prediction
 from batcher.config import LogSettings, ServerSettings, Settings
 from batcher.errors import (
+    DeadlineExceeded,
     InvalidBody,
     InvalidJSON,
     NotReady,
@@ -139,9 +140,11 @@ async def predict(request: web.Request) -> web.Response:
     priority, deadline = request.headers.get(PRIORITY), request.headers.get(DEADLINE)
     models.get(name).batcher.check_admission(1, door(priority))  # 429 before any parsing
     data = await read_json(request, settings.server, batch=False)
-    runtime, body, waiting = start_prediction(models, name, data, priority, deadline, request[STARTED])
+    runtime, body, promise, waiting = start_prediction(models, name, data, priority, deadline, request[STARTED])
     outcome = await waiting  # cancelling this handler cancels it
-    result, headers = finish_prediction(settings.log, request[REQUEST_ID], runtime, body, outcome, request[STARTED])
+    result, headers = finish_prediction(
+        settings.log, request[REQUEST_ID], runtime, body, outcome, request[STARTED], promise
+    )
     return json_response(result, headers=headers)
 
 
@@ -157,19 +160,19 @@ def start_prediction(
     priority: str | None = None,
     deadline: str | None = None,
     started: float | None = None,
-) -> tuple[Runtime, Query, asyncio.Future[Any]]:
+) -> tuple[Runtime, Query, Promise, asyncio.Future[Any]]:
     """A parsed /predict body admitted: its model's runtime (taken here, after the last await
-    before admission: see the module's docstring), the validated request, and its pending
-    prediction (the batcher's future; with the cache or several inputs, a task giving a
-    list). `priority` and `deadline`: the x-priority and x-deadline-ms headers' values;
+    before admission: see the module's docstring), the validated request, its promise, and
+    its pending prediction (the batcher's future; with the cache or several inputs, a task
+    giving a list). `priority` and `deadline`: the x-priority and x-deadline-ms headers' values;
     `started`: when the request arrived (a client deadline counts from it)."""
     runtime = models.get(name)
     body = query(data)
     promise = promise_of(priority, deadline, body.priority, body.deadline_ms)
     rows = encode(runtime, body)
     if runtime.cache is None and len(rows) == 1:
-        return runtime, body, runtime.batcher.submit(rows[0], promise, started)
-    return runtime, body, asyncio.ensure_future(predict_rows(runtime, rows, promise, started))
+        return runtime, body, promise, runtime.batcher.submit(rows[0], promise, started)
+    return runtime, body, promise, asyncio.ensure_future(predict_rows(runtime, rows, promise, started))
 
 
 def query(data: Any) -> Query:
@@ -201,16 +204,28 @@ def finish_prediction(
     body: Query,
     outcome: Prediction | list[Prediction],
     started: float,
+    promise: Promise = PLAIN,
 ) -> tuple[Any, dict[str, str]]:
     """What /predict answers for a prediction (`start_prediction`'s outcome): the body and
-    its headers; the answer goes to the prediction log."""
+    its headers; the answer goes to the prediction log. Past the client's own deadline
+    once rendered (the loop may have been busy since the run ended): 504, never a late 200."""
     predictions = outcome if isinstance(outcome, list) else [outcome]
     prediction = predictions[0]
-    log_predictions(settings, request_id, runtime, [body], predictions)
     headers = {**timing_headers(prediction), MODEL_VERSION: runtime.version}
     if isinstance(body, InputsRequest):
-        return render_scores(runtime, body, predictions), headers
-    return render(runtime, body, prediction, started), headers
+        result = render_scores(runtime, body, predictions)
+    else:
+        result = render(runtime, body, prediction, started)
+    in_time(runtime, promise, started)
+    log_predictions(settings, request_id, runtime, [body], predictions)
+    return result, headers
+
+
+def in_time(runtime: Runtime, promise: Promise, started: float) -> None:
+    """504 when a request with its own deadline is past it (from its arrival, `started`)."""
+    if promise.deadline_s is not None and time.perf_counter() - started > promise.deadline_s:
+        runtime.metrics.rejected["deadline"].inc()
+        raise DeadlineExceeded("the answer was ready after the request's deadline")
 
 
 async def predict_batch(request: web.Request) -> web.Response:
@@ -224,9 +239,10 @@ async def predict_batch(request: web.Request) -> web.Response:
     promise = promise_of(headers.get(PRIORITY), headers.get(DEADLINE), data.get("priority"), data.get("deadline_ms"))
     rows = [row for entry in items for row in encode(runtime, entry)]
     predictions = await predict_rows(runtime, rows, promise, request[STARTED])
-    log_predictions(request.app[SETTINGS].log, request[REQUEST_ID], runtime, items, predictions)
     started = request[STARTED]
     results = [render(runtime, entry, p, started) for entry, p in zip(items, predictions, strict=True)]
+    in_time(runtime, promise, started)
+    log_predictions(request.app[SETTINGS].log, request[REQUEST_ID], runtime, items, predictions)
     return json_response({"results": results}, headers={MODEL_VERSION: runtime.version})
 
 

@@ -9,7 +9,9 @@ building its successor beside it and swapping the two in one step of the loop.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -171,6 +173,14 @@ async def load_runtime(
             "(check model.max_seq_len, batching.max_batch_size and model.file)"
         ) from None
     batching = spec.batching
+    lone = None
+    if batching.lone_threads and isinstance(model, OnnxModel) and model.provider != CUDA:
+        threads = batching.lone_threads if batching.lone_threads > 0 else len(os.sched_getaffinity(0))
+        solo = dataclasses.replace(spec.model, intra_op_threads=threads, allow_spinning=True)
+        lone = await step(partial(OnnxModel, output=model.output, pad_id=encoder.pad_id), bundle, solo, model.provider)
+        await step(partial(warm_up, lone, pad_id=encoder.pad_id, batch_sizes=[1], lengths=list(WARMUP_LENGTHS),
+                           runs=spec.model.warmup_runs, cancelled=cancelled))  # fmt: skip
+        log.info("model %s: a lone request runs on a second session of %d threads", spec.name, threads)
     worker = Worker(
         model,
         encode=encoder.encode_batch,
@@ -180,6 +190,7 @@ async def load_runtime(
         activate=head.apply,
         sched_idle=batching.worker_sched_idle,
         nice=batching.worker_nice,
+        lone=lone,
     )
     model_metrics = metrics.for_model(spec.name)
     batcher = Batcher(worker, settings=batching, metrics=model_metrics, probe=probe_row)

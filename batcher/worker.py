@@ -119,8 +119,13 @@ class Worker:
         activate: Activate = softmax,
         sched_idle: bool = True,
         nice: int = 0,
+        lone: Model | None = None,
     ) -> None:
+        """`lone`: a model using every core, for a row the batcher says runs alone (the
+        model otherwise idle); it runs on a thread of its own at normal priority (its
+        intra-op threads spin, and a SCHED_IDLE caller starved behind them: 5 req/s)."""
         self.model = model
+        self.lone = lone
         self.encode = encode
         self.activate = activate
         self.instances = instances
@@ -129,10 +134,19 @@ class Worker:
         self._jobs: queue.SimpleQueue[tuple[list[Pending], Done] | None] = queue.SimpleQueue()
         self._runs_started: dict[int, float] = {}  # thread id -> perf_counter() at run start
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._lone_jobs: queue.SimpleQueue[tuple[list[Pending], Done] | None] = queue.SimpleQueue()
         self._threads = [
-            threading.Thread(target=self._serve, args=(sched_idle, nice), name=f"model-{index}", daemon=True)
+            threading.Thread(
+                target=self._serve, args=(self._jobs, model, sched_idle, nice), name=f"model-{index}", daemon=True
+            )
             for index in range(instances)
         ]
+        if lone is not None:
+            self._threads.append(
+                threading.Thread(
+                    target=self._serve, args=(self._lone_jobs, lone, False, 0), name="model-lone", daemon=True
+                )
+            )
         self._closed = False
 
     def start(self) -> None:
@@ -141,9 +155,10 @@ class Worker:
         for thread in self._threads:
             thread.start()
 
-    def run(self, batch: list[Pending], done: Done) -> None:
-        """Queue `batch` for the next free thread; `done(batch, result or error)` is called on the loop."""
-        self._jobs.put((batch, done))
+    def run(self, batch: list[Pending], done: Done, *, lone: bool = False) -> None:
+        """Queue `batch` for the next free thread; `done(batch, result or error)` is called on
+        the loop. `lone`: nothing else runs or waits, so the row may run on the lone model."""
+        (self._lone_jobs if lone and self.lone is not None else self._jobs).put((batch, done))
 
     def longest_run_s(self) -> float:
         """How long the oldest model call still in progress has run (0 when none is)."""
@@ -155,16 +170,19 @@ class Worker:
         self._closed = True
         for _ in self._threads:
             self._jobs.put(None)
+        self._lone_jobs.put(None)
 
-    def _serve(self, sched_idle: bool, nice: int) -> None:
+    def _serve(
+        self, jobs: queue.SimpleQueue[tuple[list[Pending], Done] | None], model: Model, sched_idle: bool, nice: int
+    ) -> None:
         lower_priority(sched_idle, nice)
-        while (job := self._jobs.get()) is not None:
+        while (job := jobs.get()) is not None:
             if self._closed:
                 continue
             batch, done = job
             outcome: RunResult | BaseException
             try:
-                outcome = self.compute(batch)
+                outcome = self.compute(batch, model)
             except Exception as error:
                 outcome = error
             assert self._loop is not None
@@ -173,7 +191,7 @@ class Worker:
             except RuntimeError:  # the loop closed while this run was in progress
                 return
 
-    def compute(self, batch: list[Pending]) -> RunResult:
+    def compute(self, batch: list[Pending], model: Model | None = None) -> RunResult:
         """Drop rows that died while staged, tokenize, pad, run the model, activate (on a
         worker thread). A batch whose run fails is retried row by row, so one bad row fails
         alone; when every row fails on its own too, the batch's error is raised."""
@@ -194,7 +212,7 @@ class Worker:
         if not rows:
             return RunResult(self._no_rows(), self._no_rows(), [], [], unreadable, tokenize_s, started, started, 0, 0)
         try:
-            logits, real, padded = self._run([encoded[index] for index in rows])
+            logits, real, padded = self._run([encoded[index] for index in rows], model)
         except Exception:
             if len(rows) == 1:
                 raise
@@ -231,13 +249,13 @@ class Worker:
         probabilities = self.activate(stacked)
         return RunResult(probabilities, stacked, done, failed, unreadable, tokenize_s, started, finished, real, padded)
 
-    def _run(self, rows: Sequence[Encoded]) -> tuple[np.ndarray, int, int]:
+    def _run(self, rows: Sequence[Encoded], model: Model | None = None) -> tuple[np.ndarray, int, int]:
         """Logits for `rows` padded to their longest, and the real and padded token counts."""
         ids, mask, types = pad_batch(rows, self.pad_id)
         thread = threading.get_ident()
         self._runs_started[thread] = time.perf_counter()
         try:
-            logits = np.asarray(self.model.run(ids, mask, types), dtype=np.float32)
+            logits = np.asarray((model or self.model).run(ids, mask, types), dtype=np.float32)
         finally:
             del self._runs_started[thread]
         if logits.shape != (len(rows), self._num_labels):

@@ -528,7 +528,7 @@ COALESCE_NOISE = 0.03
 its median p99 at most 103 %: the steps of two servers on shared cores move by more than that."""
 AB_NOISE = 0.05
 """64-client req/s "within noise" of the commit before: at least 95 % of it (medians)."""
-LONE_SETTING = "batching.lone_threads=-1"
+LONE_SETTING = "batching.lone_threads=0"
 
 
 def _median(values: list[float]) -> float:
@@ -701,7 +701,7 @@ def promise_rows(promises: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         not_run("Lone client", (bound,), lone.get("not_run", "not measured"))
     else:
         naive = _median([r["throughput_rps"] for r in lone["naive"]])
-        for label, key in (("defaults", "batcher"), (LONE_SETTING, "lone")):
+        for label, key in (("defaults", "batcher"),):
             if lone.get(key):
                 ours = _median([r["throughput_rps"] for r in lone[key]])
                 measured = f"{label}: {ours:.0f} vs {naive:.0f} req/s = {_ratio(ours, naive)}"
@@ -711,7 +711,7 @@ def promise_rows(promises: dict[str, Any]) -> list[tuple[str, str, str, str]]:
         not_run("Lone client", (bound,), ab.get("not_run", "not measured"))
     else:
         before = _median([r["throughput_rps"] for r in ab["before"]])
-        for label, key in (("defaults", "after"), (LONE_SETTING, "lone")):
+        for label, key in (("defaults", "after"),):
             if ab.get(key):
                 after = _median([r["throughput_rps"] for r in ab[key]])
                 measured = f"{label}: {after:.0f} vs {before:.0f} req/s at {ab['baseline']} = {_ratio(after, before)}"
@@ -767,7 +767,8 @@ def _promises_lines(results: dict[str, Any]) -> list[str]:
         lines += [
             "",
             f"Deadlines: open loop at {d['rate']:g} req/s; with `x-deadline-ms: {d['deadline_ms']:g}` on every "
-            f"request, and without (count-based admission: `max_queue_size` and the 10 s timeout), both judged "
+            f"request, and without on a second server (count-based admission, `batching.max_queue_wait_s=0`: "
+            "`max_queue_size` and the 10 s timeout), both judged "
             f"against {d['deadline_ms']:g} ms.",
             "",
             "| step | 200/s | goodput/s | 200s late (client) | 200s late (server) | 429s by type | 504s "
@@ -829,8 +830,8 @@ def _promises_lines(results: dict[str, Any]) -> list[str]:
     if lone and "not_run" not in lone:
         lines += [
             "",
-            f"A lone client: batcher (defaults), batcher with `{LONE_SETTING}` (a lone request on a second session "
-            "of one thread per core) where the server has it, and the naive inline server "
+            "A lone client: batcher (defaults: a lone request runs on a second session of one thread per core), "
+            f"batcher with `{LONE_SETTING}` (that session off) where the server has it, and the naive inline server "
             "(`bench/baselines/naive_server.py`: FastAPI, one ONNX Runtime session on every core, each request run "
             "alone, padded to its own length, the same graph), all up, 1-client steps alternating, "
             f"{len(lone['batcher'])} rounds; medians.",

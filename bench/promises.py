@@ -5,7 +5,8 @@ scenario against its bound, all in one run; `python -m bench --only promises` ru
    `x-priority: high`, 60 % normal, 20 % low; the same mix at half the saturation rate; the
    same 2x load without priorities (what low priority's wait is compared with).
 2. Deadlines: 2x saturation, every request with `x-deadline-ms: 100`, against the same load
-   without deadlines (count-based admission) judged against the same 100 ms.
+   without deadlines on a server admitting by count alone (`batching.max_queue_wait_s=0`:
+   `max_queue_size` and the 10 s timeout, as before issue 30), judged against the same 100 ms.
 3. Coalescing: the test split replayed Zipf-distributed, cache off, 64 clients, one server
    with `batching.coalesce=true` and one with `false`, both up, steps alternating; before
    them, every dialogue of the split sent as a burst of identical requests to both, and the
@@ -13,8 +14,8 @@ scenario against its bound, all in one run; `python -m bench --only promises` ru
 4. Retry storm: 512 closed-loop connections resending at once on every 429, against 64
    clients that honour `x-retry-after-ms`; beside each, a probe process opening a new
    connection every 50 ms (loadtest/probe.py): how long a new client waits for any answer.
-5. A lone client: batcher (defaults), and with `batching.lone_threads=-1` (a lone request
-   on a session of one thread per core; off by default until measured), against the naive
+5. A lone client: batcher (defaults: a lone request runs on a session of one thread per
+   core), and with `batching.lone_threads=0` (that session off), against the naive
    inline server (bench/baselines/naive_server.py: FastAPI + uvicorn, one ONNX Runtime
    session on every core, each request run alone, padded to its own length) at 1 client,
    steps alternating; and 64 clients, the commit before issue 30 against this checkout with
@@ -52,8 +53,9 @@ from loadtest.server_metrics import grown, scrape
 from loadtest.steps import run_steps
 
 BATCHER = "batcher (defaults)"
-LONE = "batcher, batching.lone_threads=-1"
-LONE_SETTING = "batching.lone_threads=-1"
+LONE = "batcher, batching.lone_threads=0"
+LONE_SETTING = "batching.lone_threads=0"
+COUNT_ONLY = "batching.max_queue_wait_s=0"
 NAIVE = "naive, dynamic padding"
 PRIORITY_MIX = (("high", 0.2), ("normal", 0.6), ("low", 0.2))
 NO_PRIORITY = (("high", 0.0),)
@@ -161,8 +163,16 @@ async def deadlines(server: Server, corpus: Corpus, args: argparse.Namespace, sa
         "deadline_ms": DEADLINE_MS,
         "rate": over,
         "with": await _step(server, Load("open", over), corpus, args, modes=Modes(deadline_ms=DEADLINE_MS)),
-        "without": await _step(server, Load("open", over), corpus, args, modes=Modes(judge_ms=DEADLINE_MS)),
+        "without": await _count_based(corpus, args, over),
+        "without_settings": COUNT_ONLY,
     }
+
+
+async def _count_based(corpus: Corpus, args: argparse.Namespace, rate: float) -> dict[str, Any]:
+    """The deadlines' load without deadlines, on a server that admits by count alone."""
+    with batcher_server("batcher, count-based admission", COUNT_ONLY) as server:
+        await _step(server, Load("closed", 64), corpus, args, duration_s=3)  # its pace measured, warm
+        return await _step(server, Load("open", rate), corpus, args, modes=Modes(judge_ms=DEADLINE_MS))
 
 
 async def storm(server: Server, corpus: Corpus, args: argparse.Namespace) -> dict[str, Any]:
@@ -245,7 +255,7 @@ async def coalescing(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def lone_client(args: argparse.Namespace, graph: str, lone: bool) -> dict[str, Any]:
-    """1 client: batcher (defaults), with `batching.lone_threads=-1` when `lone`, and the
+    """1 client: batcher (defaults), with `batching.lone_threads=0` when `lone`, and the
     naive inline server, steps alternating."""
     corpus = Corpus(args.corpus, seed=args.seed)
     servers = [batcher_server(BATCHER)]

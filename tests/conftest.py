@@ -193,6 +193,7 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
         held: bool = False,
         delay_s: float = 0.0,
         encode: Encode | None = None,
+        lone: FakeModel | None = None,
         **settings: Any,
     ) -> tuple[Batcher, FakeModel, Metrics]:
         model = model or FakeModel(num_labels=4, delay_s=delay_s)
@@ -209,6 +210,7 @@ async def make_batcher() -> AsyncIterator[MakeBatcher]:
             num_labels=4,
             sched_idle=config.worker_sched_idle,
             nice=config.worker_nice,
+            lone=lone,
         )
         batcher = Batcher(worker, settings=config, metrics=metrics.for_model(MODEL))
         batcher.start()

@@ -6,15 +6,16 @@ use the FakeModel: they are about ordering and timing, not answers."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
 
 from batcher.errors import DeadlineExceeded, PredictedLate, QueueFull, ValidationFailed
-from batcher.handlers import METRICS, MODELS
-from batcher.promises import HIGH, LOW, NORMAL, PLAIN, Pace, Promise, promise_of, retry_headers
+from batcher.handlers import METRICS, MODELS, in_time
+from batcher.promises import HIGH, LOW, NORMAL, PLAIN, PREDICTION_MARGIN, Pace, Promise, promise_of, retry_headers
 from batcher.queue import BatchLimits, Pending, RequestQueue
-from tests.conftest import MakeBatcher, MakeClient, row
+from tests.conftest import FakeModel, MakeBatcher, MakeClient, row
 from tests.test_batching import handed_over, value
 from tests.test_fastpath import ONE, raw, read_answer
 
@@ -41,7 +42,7 @@ def test_the_pace_is_the_median_of_recent_runs_so_one_hung_run_does_not_skew_it(
         pace.ran(10, seconds)
     assert pace.known and pace.run_s == pytest.approx(0.010)
     assert pace.rows_per_s() == pytest.approx(2 * 10 / 0.010)
-    assert pace.wait_s(200) == pytest.approx(1.25 * 200 / 2000 + 2 * 0.010)
+    assert pace.wait_s(200) == pytest.approx(PREDICTION_MARGIN * 200 / 2000 + 2 * 0.010)
     assert retry_headers(0.0301) == {"Retry-After": "1", "x-retry-after-ms": "31"}
     assert retry_headers(2.2)["Retry-After"] == "3"
 
@@ -60,6 +61,23 @@ async def test_higher_priority_goes_first_but_ageing_bounds_the_wait() -> None:
     order = [queue.take(limits, now=0.0).batch[0] for _ in range(4)]
     assert [(entry.enqueued_at, entry.priority) for entry in order] == [(0.3, 0), (0.2, 1), (0.0, 2), (1.2, 0)]
     assert len(queue) == 0
+
+
+async def test_a_mixed_queue_serves_high_priority_before_the_heads_neighbours_in_length() -> None:
+    """Grouping the whole queue by length took one high-priority request a batch (the head)
+    and filled the batch with normal ones of its length; mixed, a batch is formed from the
+    requests next in line."""
+    queue = RequestQueue(64)
+    lengths = (5, 15, 25, 35)
+    for index in range(16):
+        queue.push(Pending(row(lengths[index % 4]), index / 100, 10.0, asyncio.get_running_loop().create_future(), 0.0))
+    for length in lengths:
+        queue.push(Pending(row(length), 0.1, 10.0, asyncio.get_running_loop().create_future(), 0.0, HIGH))
+    limits = BatchLimits(max_batch_size=4, max_batch_tokens=1000)
+    taken: list[int] = []
+    while queue.ahead(HIGH):
+        taken += [entry.priority for entry in queue.take(limits, now=0.0).batch]
+    assert taken == [HIGH] * 4  # every high one before any normal one, whatever its length
 
 
 async def test_each_priority_may_fill_its_share_of_the_queue() -> None:
@@ -101,7 +119,9 @@ async def test_under_load_high_priority_is_taken_before_what_waited_longer(make_
 
 
 async def test_a_request_that_cannot_be_answered_in_time_is_refused_at_once(make_batcher: MakeBatcher) -> None:
-    batcher, model, metrics = make_batcher(held=False, max_batch_size=1, max_wait_s=0, instances=1, delay_s=0.02)
+    batcher, model, metrics = make_batcher(
+        held=False, max_batch_size=1, max_wait_s=0, instances=1, delay_s=0.02, max_queue_wait_s=0
+    )
     await warm_pace(batcher)  # runs of ~20 ms
     model.gate.clear()
     running = batcher.submit(row(3))
@@ -116,6 +136,46 @@ async def test_a_request_that_cannot_be_answered_in_time_is_refused_at_once(make
     assert value(metrics, "batcher_rejected_total", {"reason": "predicted_late"}) == 1
     model.gate.set()
     await asyncio.gather(running, in_time, *queued)
+
+
+async def test_the_queue_is_held_to_the_work_the_model_drains_in_max_queue_wait_s(make_batcher: MakeBatcher) -> None:
+    batcher, model, metrics = make_batcher(
+        held=False, max_batch_size=1, max_wait_s=0, instances=1, delay_s=0.02, max_queue_wait_s=0.05
+    )
+    await warm_pace(batcher)  # 1-row runs of ~20 ms: ~2.5 rows in 50 ms; the floor is 2 (a run and a staged one)
+    assert batcher.standing_rows() == pytest.approx(2.5, rel=0.3)
+    model.gate.clear()
+    running = batcher.submit(row(3))
+    await model.started()
+    staged = batcher.submit(row(3))
+    await handed_over(metrics)
+    queued = batcher.submit(row(3))  # the queue ahead is empty: admitted, whatever runs
+    with pytest.raises(QueueFull, match=r"batching.max_queue_wait_s") as refused:
+        batcher.submit(row(3))
+    assert int(refused.value.headers["x-retry-after-ms"]) >= 10  # the queue's drain, not a fixed second
+    high = batcher.submit(row(3), Promise(HIGH))  # nothing of its priority ahead of it
+    assert len(batcher._queue) == 2 < batcher._queue.max_size
+    model.gate.set()
+    await asyncio.gather(running, staged, queued, high)
+
+
+async def test_max_queue_wait_s_0_admits_by_count_alone(make_batcher: MakeBatcher) -> None:
+    batcher, model, _ = make_batcher(held=False, max_batch_size=1, max_wait_s=0, instances=1, max_queue_wait_s=0)
+    await warm_pace(batcher)
+    model.gate.clear()
+    futures = [batcher.submit(row(3)) for _ in range(20)]
+    model.gate.set()
+    await asyncio.gather(*futures)
+
+
+async def test_an_answer_ready_after_the_clients_deadline_is_a_504(make_client: MakeClient) -> None:
+    client = await make_client()
+    runtime = client.app[MODELS].get()
+    in_time(runtime, Promise(NORMAL, 0.5), time.perf_counter() - 0.2)
+    in_time(runtime, PLAIN, time.perf_counter() - 100)  # no deadline of its own: the server's timeout held it
+    with pytest.raises(DeadlineExceeded):
+        in_time(runtime, Promise(NORMAL, 0.1), time.perf_counter() - 0.2)
+    assert value(client.app[METRICS], "batcher_rejected_total", {"reason": "deadline"}) == 1
 
 
 async def test_a_deadline_that_passes_while_queued_is_never_computed(make_batcher: MakeBatcher) -> None:
@@ -146,7 +206,9 @@ async def test_an_earlier_client_deadline_resets_the_one_timer(make_batcher: Mak
 
 
 async def test_the_queue_full_refusal_says_when_to_come_back(make_batcher: MakeBatcher) -> None:
-    batcher, model, _ = make_batcher(held=False, max_batch_size=1, max_queue_size=4, max_wait_s=0, instances=1)
+    batcher, model, _ = make_batcher(
+        held=False, max_batch_size=1, max_queue_size=4, max_wait_s=0, instances=1, max_queue_wait_s=0
+    )
     model.delay_s = 0.02
     await warm_pace(batcher)
     model.gate.clear()
@@ -248,3 +310,56 @@ async def test_coalesced_answers_equal_answers_computed_alone(make_client: MakeC
     alone = [await (await client.post("/predict", json=body)).json() for body in bodies[:2]]
     for index, result in enumerate(results):
         assert result["probabilities"] == alone[index % 2]["probabilities"]
+
+
+async def test_a_client_that_keeps_retrying_early_is_held_longer_each_time(make_client: MakeClient) -> None:
+    """Retry-After is the queue's drain (milliseconds here); a connection that keeps coming
+    back before it is held twice as long each time, up to 1 s."""
+    client = await make_client("batching.max_queue_size=1", "batching.max_batch_size=1", "batching.instances=1")
+    for _ in range(6):  # the pace measured: Retry-After is the drain, not 1 s
+        assert (await client.post("/predict", json=ONE)).status == 200
+    queue = client.app[MODELS].get().batcher._queue
+    queue._levels[NORMAL].append(pending(0.0, NORMAL))  # the queue is full while this sits in it
+    queue._size += 1
+    try:
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        told: list[int] = []
+        started = time.perf_counter()
+        while time.perf_counter() - started < 0.6:
+            writer.write(raw(ONE))
+            status, headers, _ = await read_answer(reader)
+            assert status == 429
+            told.append(int(headers["x-retry-after-ms"]))
+        writer.close()
+    finally:
+        queue._levels[NORMAL].clear()
+        queue._size = 0
+    assert told[0] < 100 and len(told) <= 14  # not one refusal per drain time: ~600 of them
+    assert all(later >= earlier for earlier, later in itertools.pairwise(told[1:])) and told[-1] > 4 * told[1]
+
+
+async def test_a_lone_request_runs_on_the_lone_model_and_load_on_the_instances(make_batcher: MakeBatcher) -> None:
+    lone = FakeModel(num_labels=4)
+    lone.armed = True
+    batcher, model, _ = make_batcher(lone=lone, held=False, max_batch_size=1, max_wait_s=0, instances=1)
+    await batcher.submit(row(3))
+    assert lone.batches == [1] and model.batches == []  # idle model, one request: every core
+    model.gate.clear()
+    lone.gate.clear()
+    first = batcher.submit(row(3))
+    await lone.started()
+    rest = [batcher.submit(row(3)) for _ in range(3)]  # arriving while it runs: the instances take them
+    lone.gate.set()
+    model.gate.set()
+    await asyncio.gather(first, *rest)
+    assert lone.batches == [1, 1] and model.batches == [1, 1, 1]
+
+
+async def test_lone_threads_loads_a_second_session(make_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level("INFO", logger="batcher.runtime")
+    client = await make_client("batching.lone_threads=2")
+    assert (await client.post("/predict", json=ONE)).status == 200
+    assert any("a lone request runs on a second session of 2 threads" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    await make_client("batching.lone_threads=0")
+    assert not any("second session" in r.getMessage() for r in caplog.records)
