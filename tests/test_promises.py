@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from batcher.batching import STANDING_GRACE_S
 from batcher.errors import DeadlineExceeded, PredictedLate, QueueFull, ValidationFailed
 from batcher.handlers import METRICS, MODELS, in_time
 from batcher.promises import HIGH, LOW, NORMAL, PLAIN, PREDICTION_MARGIN, Pace, Promise, promise_of, retry_headers
@@ -150,13 +151,15 @@ async def test_the_queue_is_held_to_the_work_the_model_drains_in_max_queue_wait_
     staged = batcher.submit(row(3))
     await handed_over(metrics)
     queued = batcher.submit(row(3))  # the queue ahead is empty: admitted, whatever runs
+    burst = batcher.submit(row(3))  # past the bound, but the queue only now stands above it: let in
+    await asyncio.sleep(STANDING_GRACE_S)
     with pytest.raises(QueueFull, match=r"batching.max_queue_wait_s") as refused:
         batcher.submit(row(3))
     assert int(refused.value.headers["x-retry-after-ms"]) >= 10  # the queue's drain, not a fixed second
     high = batcher.submit(row(3), Promise(HIGH))  # nothing of its priority ahead of it
-    assert len(batcher._queue) == 2 < batcher._queue.max_size
+    assert len(batcher._queue) == 3 < batcher._queue.max_size
     model.gate.set()
-    await asyncio.gather(running, staged, queued, high)
+    await asyncio.gather(running, staged, queued, burst, high)
 
 
 async def test_max_queue_wait_s_0_admits_by_count_alone(make_batcher: MakeBatcher) -> None:
@@ -315,8 +318,10 @@ async def test_coalesced_answers_equal_answers_computed_alone(make_client: MakeC
 async def test_a_client_that_keeps_retrying_early_is_held_longer_each_time(make_client: MakeClient) -> None:
     """Retry-After is the queue's drain (milliseconds here); a connection that keeps coming
     back before it is held twice as long each time, up to 1 s."""
-    client = await make_client("batching.max_queue_size=1", "batching.max_batch_size=1", "batching.instances=1")
-    for _ in range(6):  # the pace measured: Retry-After is the drain, not 1 s
+    client = await make_client(
+        "batching.max_queue_size=1", "batching.max_batch_size=1", "batching.instances=1", "batching.lone_threads=0"
+    )
+    for _ in range(6):  # the pace measured on the instance: Retry-After is the drain, not 1 s
         assert (await client.post("/predict", json=ONE)).status == 200
     queue = client.app[MODELS].get().batcher._queue
     queue._levels[NORMAL].append(pending(0.0, NORMAL))  # the queue is full while this sits in it
@@ -352,7 +357,8 @@ async def test_a_lone_request_runs_on_the_lone_model_and_load_on_the_instances(m
     lone.gate.set()
     model.gate.set()
     await asyncio.gather(first, *rest)
-    assert lone.batches == [1, 1] and model.batches == [1, 1, 1]
+    # the instance took what arrived during the lone run; the last may find the model idle again
+    assert lone.batches[:2] == [1, 1] and len(model.batches) >= 2 and lone.rows + model.rows == 5
 
 
 async def test_lone_threads_loads_a_second_session(make_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
