@@ -258,7 +258,7 @@ class BatchingSettings:
     work at the bundled model's maximum on 2 cores: under a 3x overload admitted requests
     kept a p99 of ~0.4 s (~1.1 s at 1024) and refusals stayed faster (RELIABILITY.md).
     Raise it with the hardware's throughput (roughly 0.2 s x requests/s)."""
-    max_queue_wait_s: float = 0.1
+    max_queue_wait_s: float = 0.0
     """Under overload, the requests queued and running are held to the work the model does
     in this long at its measured pace (the median of its last 32 runs), though never below
     a full batch for every instance and a staged one (96 rows with the defaults): a request
@@ -266,8 +266,10 @@ class BatchingSettings:
     refused at the door (429) with `Retry-After` set to the queue's drain. A standing queue
     adds wait, not throughput: in a retry storm of 512 connections here a new client's p99
     fell from ~0.3 s with the count bound alone to ~0.15 s (BENCHMARKS.md), while 100
-    closed-loop clients (~0.06 s of work here) are never refused. 0 keeps only
-    `max_queue_size`, which bounds the count regardless."""
+    closed-loop clients (~0.06 s of work here) are never refused. Off (0) by default: at
+    0.1 s a 10-minute soak at 70 % load on this shared 2-core machine got 871 refusals in
+    its slow minutes (RELIABILITY.md at dd372b0), where count-only admission has none. 0
+    keeps only `max_queue_size`, which bounds the count regardless."""
     request_timeout_s: float = 10.0
     """Deadline from admission to answer; a request still queued then gets 504 and is
     never computed."""
