@@ -268,8 +268,8 @@ class BatchingSettings:
     fell from ~0.3 s with the count bound alone to ~0.15 s (BENCHMARKS.md), while 100
     closed-loop clients (~0.06 s of work here) are never refused. Off (0) by default: at
     0.1 s a 10-minute soak at 70 % load on this shared 2-core machine got 871 refusals in
-    its slow minutes (RELIABILITY.md at dd372b0), where count-only admission has none. 0
-    keeps only `max_queue_size`, which bounds the count regardless."""
+    its slow minutes (RELIABILITY.md at dd372b0), against 0 to 94 in earlier soaks with
+    count-only admission. 0 keeps only `max_queue_size`, which bounds the count regardless."""
     request_timeout_s: float = 10.0
     """Deadline from admission to answer; a request still queued then gets 504 and is
     never computed."""
