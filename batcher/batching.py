@@ -200,18 +200,24 @@ class Batcher:
         try:
             self._queue.check_room(rows, priority)
             limit = self.standing_rows()
-            ahead = self._queue.ahead(priority)  # a large batch may start an empty queue
-            standing = self._standing(len(self._queue) + self._inflight_rows + rows > limit)
-            if standing and ahead and ahead + self._inflight_rows + rows > limit:
-                raise QueueFull(
-                    f"{ahead} requests of this priority or higher wait and {self._inflight_rows} run, more "
-                    f"than the model runs in {self._max_wait_s * 1000:.0f} ms (batching.max_queue_wait_s); retry later"
-                )
+            if not math.isinf(limit):  # the setting on and the pace known: else nothing to track
+                self._check_standing(rows, priority, limit)
         except QueueFull as refused:
             self._metrics.rejected["queue_full"].inc()
             self._metrics.refused_by_priority[priority].inc(rows)
             refused.headers = self.retry_after()
             raise
+
+    def _check_standing(self, rows: int, priority: int, limit: float) -> None:
+        """QueueFull when the bound is engaged (`_standing`) and more than `limit` rows of
+        `priority` or higher are queued and running ahead (a large batch may start an empty queue)."""
+        ahead = self._queue.ahead(priority)
+        standing = self._standing(len(self._queue) + self._inflight_rows + rows > limit)
+        if standing and ahead and ahead + self._inflight_rows + rows > limit:
+            raise QueueFull(
+                f"{ahead} requests of this priority or higher wait and {self._inflight_rows} run, more "
+                f"than the model runs in {self._max_wait_s * 1000:.0f} ms (batching.max_queue_wait_s); retry later"
+            )
 
     def _standing(self, above: bool) -> bool:
         """Whether the bound of `standing_rows` is engaged: once the queue (all priorities)

@@ -168,7 +168,7 @@ class Worker:
     def close(self) -> None:
         """Threads finish the run they are in and exit; queued jobs are dropped. Does not wait."""
         self._closed = True
-        for _ in self._threads:
+        for _ in range(self.instances):
             self._jobs.put(None)
         self._lone_jobs.put(None)
 
