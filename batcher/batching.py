@@ -329,7 +329,7 @@ class Batcher:
         if promise.deadline_s is not None and not checked:
             self._check_in_time(promise, started)
         deadline = self._deadline(promise, started, now) if promise is not PLAIN else now + self._timeout_s
-        entry = Pending(text, now, deadline, loop.create_future(), time.perf_counter(), promise.priority)
+        entry = Pending(text, now, deadline, loop.create_future(), time.perf_counter(), promise.priority, promise.fresh)
         self._queue.push(entry)  # fits: checked just above, on this same thread
         if self._coalesce:
             twins = self._twins[key] = Twins(entry, key, self._twins)

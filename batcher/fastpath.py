@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
 from collections.abc import Callable
 from functools import partial
@@ -61,7 +62,7 @@ from batcher.handlers import (
     start_prediction,
 )
 from batcher.middleware import answer_for, count, request_id_for
-from batcher.promises import Promise, retry_headers
+from batcher.promises import FRESH_S, Promise, retry_headers
 from batcher.runtime import Runtime
 
 log = logging.getLogger(__name__)
@@ -106,16 +107,26 @@ ANSWERS_PER_CALLBACK = 64
 next round (call_soon), after what the other connections have to do."""
 _CLOSE = "Connection: close\r\n"
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
-Plain = tuple[int, bytes, str, str | None, str | None, str | None, bool]
+Plain = tuple[int, bytes, str, str | None, str | None, str | None, bool, bool]
 """A plain request: where it ends in the buffer, its body, its x-request-id, Authorization,
-x-priority and x-deadline-ms, and whether a proxy says it forwards it (Forwarded,
-X-Forwarded-For)."""
+x-priority and x-deadline-ms, whether a proxy says it forwards it (Forwarded,
+X-Forwarded-For), and whether it is the connection's last (`Connection: close`)."""
 EARLY_RETRY_HOLD_S = 1.0
 """The longest a 429 is held back from a connection that came back before its Retry-After.
 Each early return in a row doubles the hold (and the Retry-After it is told), from the
 queue's drain time up to this: the queue held short (batching.max_queue_wait_s) drains in
 ~50 ms, and a storm held that long came back ~6,400 times a second and took the model's
 CPU (61 % of the polite rate answered here, against 97 % with a doubling hold)."""
+DEMOTED_S = 60.0
+"""How long a connection that sent a refused request again before its Retry-After has its
+requests queued one priority lower (high as normal, normal as low), unless it comes back as
+told first. In a retry storm (512 connections, bench/promises.py) the connections admitted
+go on at once after each answer and are never refused again. Not demoted, they kept
+normal's share of the queue full and 70 of 200 new clients were refused. Demoted for a
+second only after coming back early, most went on at normal priority (new clients waited
+182 ms at p99, before fresh requests were ordered sooner). Demoted until they behave,
+they fill only low's share, behind the clients that wait as told: 1 of 200 new clients was
+refused, and the storm was still answered 200 at 86-95 % of the polite rate."""
 
 
 class Lane:
@@ -155,7 +166,7 @@ class Lane:
         lines = block.split(b"\r\n") if block else []
         if len(lines) > self.max_headers or not _HEADER_LINES.fullmatch(block):
             return None
-        length, request_id, authorization, priority, deadline, forwarded = -1, "", None, None, None, False
+        length, request_id, authorization, priority, deadline, forwarded, last = -1, "", None, None, None, False, False
         seen: set[bytes] = set()
         for line in lines:
             name, colon, value = line.partition(b":")
@@ -178,12 +189,17 @@ class Lane:
                 deadline = value.decode("ascii")
             elif name == b"x-forwarded-for" or name == b"forwarded":
                 forwarded = True
-            elif name == b"connection" and value.lower() != b"keep-alive":
-                return None
+            elif name == b"connection":
+                option = value.lower()
+                if option == b"close":
+                    last = True
+                elif option != b"keep-alive":
+                    return None
         end = head_end + 4 + length
         if not 0 <= length <= self.max_body or len(buffer) < end or b"host" not in seen:
             return None
-        return end, bytes(buffer[head_end + 4 : end]), request_id, authorization, priority, deadline, forwarded
+        body = bytes(buffer[head_end + 4 : end])
+        return end, body, request_id, authorization, priority, deadline, forwarded, last
 
     def opened(self, connection: Connection) -> None:
         self.connections.add(connection)
@@ -228,12 +244,15 @@ class Connection(asyncio.Protocol):
     """One client connection while its requests are plain."""
 
     __slots__ = (
+        "answered_at",
         "buffer",
         "closing",
+        "demoted_until",
         "early",
         "forwarded",
         "idle_since",
         "lane",
+        "last",
         "offset",
         "read_paused",
         "refused_body",
@@ -256,13 +275,20 @@ class Connection(asyncio.Protocol):
         self.resuming: asyncio.Handle | None = None
         """The next round of a buffer that had more requests than one callback takes."""
         self.idle_since = 0.0
+        self.answered_at = -math.inf
+        """Loop time of its last answer: a request after none for FRESH_S is fresh."""
         self.refused_until = 0.0
         """Loop time before which this connection's client was told not to come back (429)."""
         self.refused_body = b""
         """The body of the last request refused on this connection (a retry sends it again)."""
         self.early = 0
         """Times in a row its client sent that body again before its Retry-After."""
+        self.demoted_until = 0.0
+        """Loop time before which its requests are queued one priority lower (DEMOTED_S)."""
         self.forwarded = False
+        self.last = False
+        """Its client sent `Connection: close`: closed after this answer, nothing after it read
+        (RFC 9112, 9.6)."""
         self.closing = False
         self.write_paused = False
         self.read_paused = False
@@ -329,10 +355,11 @@ class Connection(asyncio.Protocol):
             if plain is None:
                 self.hand_over()
                 return
-            end, body, request_id, authorization, priority, deadline, forwarded = plain
+            end, body, request_id, authorization, priority, deadline, forwarded, last = plain
             self.offset = end
             taken += 1
             self.forwarded = forwarded
+            self.last = last
             self.handle(body, request_id_for(request_id), authorization, priority, deadline)
         if self.read_paused and self.transport is not None and len(buffer) - self.offset <= BUFFER_LIMIT:
             self.read_paused = False
@@ -368,14 +395,33 @@ class Connection(asyncio.Protocol):
         try:
             if lane.tokens:
                 authorize(lane.tokens, authorization)
-            lane.models.get().batcher.check_admission(1, door(priority))  # 429 before any parsing
+            demoted = self.demoted(body)
+            lane.models.get().batcher.check_admission(1, door(priority, demoted))  # 429 before any parsing
             data = parsed(body, lane.server, batch=False)
-            runtime, request, promise, waiting = start_prediction(lane.models, None, data, priority, deadline, started)
+            fresh = lane.loop.time() - self.answered_at >= FRESH_S
+            runtime, request, promise, waiting = start_prediction(
+                lane.models, None, data, priority, deadline, started, demoted=demoted, fresh=fresh
+            )
         except Exception as exc:
             self.fail(exc, request_id, started, body)
             return
         self.waiting = waiting
         waiting.add_done_callback(partial(self.finish, runtime, request, promise, request_id, started))
+
+    def demoted(self, body: bytes) -> bool:
+        """Whether this request is queued one priority lower: its connection sent a refused
+        request again before its Retry-After (this one, or one in the last DEMOTED_S) and has
+        not since sent it again after its Retry-After. Requests a proxy says it forwards
+        never are."""
+        if self.forwarded or not self.refused_until:
+            return False  # never refused here: no clock read
+        now = self.lane.loop.time()
+        if body == self.refused_body:
+            self.demoted_until = now + DEMOTED_S if now < self.refused_until else 0.0
+        if now < self.demoted_until:
+            self.lane.metrics.for_model(self.lane.models.default).demoted.inc()
+            return True
+        return False
 
     def finish(
         self,
@@ -455,7 +501,7 @@ class Connection(asyncio.Protocol):
     ) -> None:
         """Write the answer as aiohttp would (same headers), then count it as the middleware does."""
         lane = self.lane
-        close = close or lane.stopping or lane.models.stopping
+        close = close or self.last or lane.stopping or lane.models.stopping
         extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
         head = (
             f"HTTP/1.1 {status} {_REASONS[status]}\r\n{extra}Content-Type: application/json\r\n"
@@ -464,6 +510,7 @@ class Connection(asyncio.Protocol):
         )
         assert self.transport is not None
         self.transport.write(head.encode() + payload)
+        self.answered_at = lane.loop.time()
         count(lane.metrics, ROUTE, status, started, lane.models.default)
         lane.answered += 1
         if close:

@@ -49,7 +49,7 @@ from batcher.errors import (
 from batcher.metrics import CONTENT_TYPE, Metrics
 from batcher.model.heads import Function
 from batcher.model.tokenization import Text
-from batcher.promises import NORMAL, PLAIN, Promise, priority_of, promise_of
+from batcher.promises import LOW, NORMAL, PLAIN, Promise, adjusted, priority_of, promise_of
 from batcher.runtime import Models, Runtime
 from batcher.schemas import InputsRequest, PredictRequest, TextRequest, validate
 
@@ -148,9 +148,11 @@ async def predict(request: web.Request) -> web.Response:
     return json_response(result, headers=headers)
 
 
-def door(priority: str | None) -> int:
-    """The priority a request's header gives, for the check at the door (before its body)."""
-    return NORMAL if priority is None else priority_of(priority)
+def door(priority: str | None, demoted: bool = False) -> int:
+    """The priority a request's header gives, for the check at the door (before its body);
+    one lower when `demoted` (batcher/fastpath.py's DEMOTED_S)."""
+    level = NORMAL if priority is None else priority_of(priority)
+    return min(level + 1, LOW) if demoted else level
 
 
 def start_prediction(
@@ -160,15 +162,21 @@ def start_prediction(
     priority: str | None = None,
     deadline: str | None = None,
     started: float | None = None,
+    *,
+    demoted: bool = False,
+    fresh: bool = False,
 ) -> tuple[Runtime, Query, Promise, asyncio.Future[Any]]:
     """A parsed /predict body admitted: its model's runtime (taken here, after the last await
     before admission: see the module's docstring), the validated request, its promise, and
     its pending prediction (the batcher's future; with the cache or several inputs, a task
     giving a list). `priority` and `deadline`: the x-priority and x-deadline-ms headers' values;
-    `started`: when the request arrived (a client deadline counts from it)."""
+    `started`: when the request arrived (a client deadline counts from it); `demoted`: queued
+    one priority lower than it asks (a retry storm's connection, batcher/fastpath.py); `fresh`:
+    its client had no answer in the last second (promises.FRESH_S)."""
     runtime = models.get(name)
     body = query(data)
     promise = promise_of(priority, deadline, body.priority, body.deadline_ms)
+    promise = adjusted(promise, demoted, fresh)
     rows = encode(runtime, body)
     if runtime.cache is None and len(rows) == 1:
         return runtime, body, promise, runtime.batcher.submit(rows[0], promise, started)

@@ -249,6 +249,13 @@ class Metrics:
             labelnames=by_model,
             registry=r,
         )
+        self.demoted = Counter(
+            "batcher_demoted_requests",
+            "Requests queued one priority lower because their connection came back before its "
+            "Retry-After in the last second (a retry storm).",
+            labelnames=by_model,
+            registry=r,
+        )
         self.cache_requests = Counter(
             "batcher_cache_requests",
             "Predictions looked up in the response cache (cache.max_entries > 0), by result.",
@@ -382,6 +389,7 @@ class ModelMetrics:
         self.admitted_by_priority = [metrics.priority_requests.labels(name, p, "admitted") for p in PRIORITY_NAMES]
         self.refused_by_priority = [metrics.priority_requests.labels(name, p, "refused") for p in PRIORITY_NAMES]
         self.held_refusals = metrics.held_refusals.labels(name)
+        self.demoted = metrics.demoted.labels(name)
         self.coalesced = metrics.coalesced.labels(name)
         self.cache_hits = metrics.cache_requests.labels(name, "hit")
         self.cache_misses = metrics.cache_requests.labels(name, "miss")

@@ -5,8 +5,10 @@ A client sets them per request, by header (`x-priority: high|normal|low`, `x-dea
 N`) or body field (`priority`, `deadline_ms`; the body wins). Priority orders the queue by
 a virtual time: a request is ordered as if it had arrived `AGING_S[priority]` later, so
 higher priority goes first, yet no request waits more than AGING_S[low] - AGING_S[high]
-= 1 s longer than it would have without priorities. At the door, each priority may fill
-its share of the queue (`ROOM`): under overload low priority is refused first. A deadline
+= 1 s longer than it would have without priorities; a fresh request (its client had no
+answer in the last FRESH_S: a new or idle client) is ordered FRESH_AHEAD_S sooner within
+its priority. At the door, each priority may fill its share of the queue (`ROOM`): under
+overload low priority is refused first. A deadline
 is capped by `batching.request_timeout_s`; a request that cannot be answered in time,
 judged from the rows queued ahead of it and the model's measured pace, is refused at
 admission (429 `predicted_late`), and one whose deadline would pass during its run is
@@ -25,6 +27,13 @@ PRIORITIES = ("high", "normal", "low")
 HIGH, NORMAL, LOW = 0, 1, 2
 AGING_S = (0.0, 0.5, 1.0)
 """Virtual-time offset by priority: how much later than its arrival a request is ordered."""
+FRESH_AHEAD_S = 0.25
+"""How much sooner a fresh request (its client had no answer in the last FRESH_S: a new or
+idle client) is ordered than others of its priority, never before high's offset (so the
+spread stays AGING_S[low] - AGING_S[high])."""
+FRESH_S = 1.0
+OFFSETS_S = (AGING_S, tuple(max(AGING_S[0], offset - FRESH_AHEAD_S) for offset in AGING_S))
+"""Virtual-time offset by freshness (0 no, 1 yes) and priority."""
 ROOM = (1.0, 0.875, 0.5)
 """Share of batching.max_queue_size each priority may fill at the door."""
 MIN_DEADLINE_MS = 100.0
@@ -47,9 +56,18 @@ class Promise:
 
     priority: int = NORMAL
     deadline_s: float | None = None
+    fresh: bool = False
+    """Its client had no answer in the last FRESH_S: ordered FRESH_AHEAD_S sooner."""
 
 
 PLAIN = Promise()
+
+
+def adjusted(promise: Promise, demoted: bool, fresh: bool) -> Promise:
+    """The promise one priority lower when `demoted` (low stays low), marked `fresh`."""
+    if not demoted and not fresh:
+        return promise
+    return Promise(min(promise.priority + 1, LOW) if demoted else promise.priority, promise.deadline_s, fresh)
 
 
 def priority_of(value: object, where: str = "x-priority") -> int:

@@ -48,6 +48,7 @@ defaults
     retries 2
     option redispatch
     retry-on conn-failure
+    option forwardfor
 frontend batcher
     bind 127.0.0.1:{port}
     default_backend replicas

@@ -8,14 +8,16 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from typing import Any
 
 import pytest
 
 from batcher.batching import STANDING_GRACE_S
 from batcher.errors import DeadlineExceeded, PredictedLate, QueueFull, ValidationFailed
 from batcher.handlers import METRICS, MODELS, in_time
+from batcher.model.tokenization import Text
 from batcher.promises import HIGH, LOW, NORMAL, PLAIN, PREDICTION_MARGIN, Pace, Promise, promise_of, retry_headers
-from batcher.queue import BatchLimits, Pending, RequestQueue
+from batcher.queue import MIXED_LOWER_ROWS, SHORT_BATCHES_S, BatchLimits, Pending, RequestQueue
 from tests.conftest import FakeModel, MakeBatcher, MakeClient, row
 from tests.test_batching import handed_over, value
 from tests.test_fastpath import ONE, raw, read_answer
@@ -369,3 +371,124 @@ async def test_lone_threads_loads_a_second_session(make_client: MakeClient, capl
     caplog.clear()
     await make_client("batching.lone_threads=0")
     assert not any("second session" in r.getMessage() for r in caplog.records)
+
+
+def fresh(at: float, priority: int) -> Pending:
+    return Pending(row(4), at, at + 10, asyncio.get_running_loop().create_future(), 0.0, priority, True)
+
+
+async def test_a_fresh_request_is_ordered_sooner_within_its_priority_never_before_high() -> None:
+    """A new or idle client's request goes FRESH_AHEAD_S ahead of others of its priority."""
+    queue = RequestQueue(64)
+    queue.push(pending(0.0, NORMAL))  # ordered at 0.5
+    queue.push(fresh(0.2, NORMAL))  # 0.45
+    queue.push(fresh(0.3, NORMAL))  # 0.55: arrived 0.3 s after the first, more than FRESH_AHEAD_S
+    queue.push(pending(0.4, HIGH))  # 0.4
+    queue.push(fresh(0.4, HIGH))  # 0.4 too: high is not ordered sooner than high
+    assert queue.ahead(HIGH) == 2 and queue.ahead(NORMAL) == 5
+    limits = BatchLimits(max_batch_size=1, max_batch_tokens=1000)
+    order = [queue.take(limits, now=0.0).batch[0] for _ in range(5)]
+    assert [(entry.enqueued_at, entry.priority, entry.fresh) for entry in order] == [
+        (0.4, HIGH, True),
+        (0.4, HIGH, False),
+        (0.2, NORMAL, True),
+        (0.0, NORMAL, False),
+        (0.3, NORMAL, True),
+    ]
+    assert len(queue) == 0
+
+
+async def test_a_batch_takes_few_rows_of_lower_rank_than_its_head() -> None:
+    """A high-priority request is not padded out with a full batch of normal ones: it runs
+    with at most MIXED_LOWER_ROWS of them, and the high one queued after them comes too."""
+    queue = RequestQueue(64)
+    queue.push(pending(0.3, HIGH))
+    normals = [pending(index / 1000, NORMAL) for index in range(MIXED_LOWER_ROWS + 4)]
+    for entry in normals:
+        queue.push(entry)
+    queue.push(pending(0.6, HIGH))  # ordered after every normal one (0.5 and a little)
+    limits = BatchLimits(max_batch_size=32, max_batch_tokens=1000)
+    batch = queue.take(limits, now=0.0).batch
+    assert [entry.priority for entry in batch].count(HIGH) == 2
+    assert [entry for entry in batch if entry.priority == NORMAL] == normals[:MIXED_LOWER_ROWS]
+    assert len(queue) == 4 and queue.take(limits, now=0.0).batch == normals[MIXED_LOWER_ROWS:]
+
+
+async def test_batches_are_halved_for_a_while_after_a_higher_rank_came() -> None:
+    """So that the next high-priority (or fresh) request waits for half a run, not a full one."""
+    queue = RequestQueue(256)
+    for index in range(100):
+        queue.push(pending(index / 1000, NORMAL))
+    limits = BatchLimits(max_batch_size=32, max_batch_tokens=10_000)
+    assert len(queue.take(limits, now=0.2).batch) == 32  # no other rank seen: full batches
+    queue.push(fresh(0.2, NORMAL))
+    first = queue.take(limits, now=0.2).batch
+    assert first[0].fresh and len(first) == 1 + MIXED_LOWER_ROWS
+    assert len(queue.take(limits, now=0.3).batch) == 16  # a fresh one came 0.1 s ago
+    assert len(queue.take(limits, now=0.2 + SHORT_BATCHES_S + 0.01).batch) == 32
+    assert len(queue) == 100 - 32 - MIXED_LOWER_ROWS - 16 - 32
+
+
+async def test_a_connection_that_retried_early_is_queued_lower_until_it_comes_back_as_told(
+    make_client: MakeClient,
+) -> None:
+    """A retry storm's admitted connections would keep normal's share of the queue full;
+    demoted, they fill low's. A polite return lifts it; a proxy's connection never has it."""
+    client = await make_client(
+        "batching.max_queue_size=1", "batching.max_batch_size=1", "batching.instances=1", "batching.lone_threads=0"
+    )
+    for _ in range(6):  # the pace measured: Retry-After is the drain (ms), not 1 s
+        assert (await client.post("/predict", json=ONE)).status == 200
+    metrics, queue = client.app[METRICS], client.app[MODELS].get().batcher._queue
+
+    def admitted(priority: str) -> float:
+        return value(metrics, "batcher_priority_requests_total", {"priority": priority, "outcome": "admitted"})
+
+    other = raw({"turns": [{"text": "明天天气怎么样"}]})
+    for forwarded in (False, True):
+        extra = ("X-Forwarded-For: 10.0.0.1",) if forwarded else ()
+        reader, writer = await asyncio.open_connection(client.host, client.port)
+        queue._levels[NORMAL].append(pending(0.0, NORMAL))  # the queue is full while this sits in it
+        queue._size += 1
+        try:
+            writer.write(raw(ONE, *extra))
+            status, headers, _ = await read_answer(reader)
+            assert status == 429
+            writer.write(raw(ONE, *extra))  # at once: before its Retry-After
+            assert (await read_answer(reader))[0] == 429
+        finally:
+            queue._levels[NORMAL].clear()
+            queue._size = 0
+        low, normal = admitted("low"), admitted("normal")
+        writer.write(other.replace(b"\r\n\r\n", ("\r\n" + "".join(extra) + "\r\n\r\n").encode(), 1) if extra else other)
+        assert (await read_answer(reader))[0] == 200
+        assert (admitted("low"), admitted("normal")) == ((low, normal + 1) if forwarded else (low + 1, normal))
+        await asyncio.sleep(2 * int(headers["x-retry-after-ms"]) / 1000 + 0.05)
+        writer.write(raw(ONE, *extra))  # the refused request again, after its Retry-After
+        assert (await read_answer(reader))[0] == 200
+        assert admitted("normal") == normal + 1 + (1 if forwarded else 0)
+        writer.close()
+    assert value(metrics, "batcher_demoted_requests_total") == 2  # the early retry, then the next request
+
+
+async def test_a_new_or_idle_clients_request_is_fresh(make_client: MakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    client = await make_client()
+    batcher = client.app[MODELS].get().batcher
+    seen: list[bool] = []
+    submit = batcher.submit
+
+    def recording(text: Text, promise: Promise = PLAIN, started: float | None = None) -> asyncio.Future[Any]:
+        seen.append(promise.fresh)
+        return submit(text, promise, started)
+
+    monkeypatch.setattr(batcher, "submit", recording)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    for _ in range(2):
+        writer.write(raw(ONE))
+        assert (await read_answer(reader))[0] == 200
+    writer.close()
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    writer.write(raw(ONE, "Connection: close"))
+    assert (await read_answer(reader))[0] == 200
+    writer.close()
+    assert seen == [True, False, True]  # a new connection's first, then one answered just now
