@@ -118,8 +118,8 @@ queue's drain time up to this: the queue held short (batching.max_queue_wait_s) 
 ~50 ms, and a storm held that long came back ~6,400 times a second and took the model's
 CPU (61 % of the polite rate answered here, against 97 % with a doubling hold)."""
 DEMOTED_S = 60.0
-"""How long a connection that sent a refused request again before its Retry-After has its
-requests queued one priority lower (high as normal, normal as low), unless it comes back as
+"""How long a connection that sent a refused request again before its Retry-After, twice in
+a row, has its requests queued one priority lower (high as normal, normal as low), unless it comes back as
 told first. In a retry storm (512 connections, bench/promises.py) the connections admitted
 go on at once after each answer and are never refused again. Not demoted, they kept
 normal's share of the queue full and 70 of 200 new clients were refused. Demoted for a
@@ -410,14 +410,20 @@ class Connection(asyncio.Protocol):
 
     def demoted(self, body: bytes) -> bool:
         """Whether this request is queued one priority lower: its connection sent a refused
-        request again before its Retry-After (this one, or one in the last DEMOTED_S) and has
-        not since sent it again after its Retry-After. Requests a proxy says it forwards
-        never are."""
+        request again before its Retry-After after a 429 held for the same (this one, or one
+        in the last DEMOTED_S), and has not since sent it after its Retry-After. Once is not
+        enough: an open-loop load sent the same text again by chance on a connection within
+        its Retry-After (8 times in 8 s at 2x saturation), and demoting those connections for
+        a minute refused 47 high-priority requests as normal ones. Requests a proxy says it
+        forwards never are."""
         if self.forwarded or not self.refused_until:
             return False  # never refused here: no clock read
         now = self.lane.loop.time()
         if body == self.refused_body:
-            self.demoted_until = now + DEMOTED_S if now < self.refused_until else 0.0
+            if now >= self.refused_until:
+                self.demoted_until = 0.0  # back as told
+            elif self.early:  # early again after a held 429: a retry loop, not a chance repeat
+                self.demoted_until = now + DEMOTED_S
         if now < self.demoted_until:
             self.lane.metrics.for_model(self.lane.models.default).demoted.inc()
             return True
