@@ -230,8 +230,10 @@ class RequestQueue:
             head = ranks[0] if ranks else 2 * NORMAL + 1
             selection = take_batch(self._fifos[head], self._limits(limits, head, now), now)
         else:
-            head, merged = self._mixed_window(ranks, limits)
-            selection = take_batch(merged, self._limits(limits, head, now), now)
+            head = min(ranks, key=lambda rank: self._fifos[rank][0].virtual)
+            limits = self._limits(limits, head, now)
+            merged = self._mixed_window(ranks, head, limits)
+            selection = take_batch(merged, limits, now)
             for entry in reversed(merged):  # what was not taken goes back to the front
                 self._fifos[_rank(entry)].appendleft(entry)
         self._size -= len(selection.batch) + len(selection.expired) + len(selection.dropped)
@@ -243,18 +245,17 @@ class RequestQueue:
             return replace(limits, max_batch_size=max(1, limits.max_batch_size // 2))
         return limits
 
-    def _mixed_window(self, ranks: list[int], limits: BatchLimits) -> tuple[int, deque[Pending]]:
-        """Removed from the FIFOs: the next MIXED_WINDOW batches' worth in virtual-time order,
-        with at most MIXED_LOWER_ROWS of lower rank than the first (the head); and its rank."""
+    def _mixed_window(self, ranks: list[int], head: int, limits: BatchLimits) -> deque[Pending]:
+        """Removed from the FIFOs: the next MIXED_WINDOW batches' worth (of `limits`, already
+        halved when so) in virtual-time order, with at most MIXED_LOWER_ROWS of lower rank
+        than the first, `head`. The window is no larger than the batch, so rows of lower rank
+        come in only where those of the head's rank or higher leave room: grouped by length
+        in a window of 32 cut to 16 rows, they had displaced high-priority rows."""
         window = limits.max_batch_size * MIXED_WINDOW
         merged: deque[Pending] = deque()
-        head = -1
         lower = 0
         for entry in heapq.merge(*(self._fifos[rank] for rank in ranks), key=_virtual):
-            rank = _rank(entry)
-            if head < 0:
-                head = rank
-            elif rank > head:
+            if _rank(entry) > head:
                 if lower == MIXED_LOWER_ROWS:
                     continue  # lower levels are closed for this batch: none of theirs is removed
                 lower += 1
@@ -263,7 +264,7 @@ class RequestQueue:
                 break
         for entry in merged:  # a prefix of each FIFO: the merge yields each one's head in turn
             self._fifos[_rank(entry)].popleft()
-        return head, merged
+        return merged
 
     def take_all(self) -> list[Pending]:
         """Remove and return everything queued."""

@@ -456,7 +456,8 @@ async def test_a_connection_that_retried_early_is_queued_lower_until_it_comes_ba
             assert status == 429
             for _ in range(2):  # at once, twice: a chance repeat is once
                 writer.write(raw(ONE, *extra))
-                assert (await read_answer(reader))[0] == 429
+                status, headers, _ = await read_answer(reader)
+                assert status == 429
         finally:
             queue._levels[NORMAL].clear()
             queue._size = 0
@@ -464,7 +465,7 @@ async def test_a_connection_that_retried_early_is_queued_lower_until_it_comes_ba
         writer.write(other.replace(b"\r\n\r\n", ("\r\n" + "".join(extra) + "\r\n\r\n").encode(), 1) if extra else other)
         assert (await read_answer(reader))[0] == 200
         assert (admitted("low"), admitted("normal")) == ((low, normal + 1) if forwarded else (low + 1, normal))
-        await asyncio.sleep(2 * int(headers["x-retry-after-ms"]) / 1000 + 0.05)
+        await asyncio.sleep(int(headers["x-retry-after-ms"]) / 1000 + 0.05)  # what the last 429 told
         writer.write(raw(ONE, *extra))  # the refused request again, after its Retry-After
         assert (await read_answer(reader))[0] == 200
         assert admitted("normal") == normal + 1 + (1 if forwarded else 0)
@@ -493,3 +494,21 @@ async def test_a_new_or_idle_clients_request_is_fresh(make_client: MakeClient, m
     assert (await read_answer(reader))[0] == 200
     writer.close()
     assert seen == [True, False, True]  # a new connection's first, then one answered just now
+
+
+async def test_rows_of_lower_rank_never_displace_higher_ones_from_a_short_batch() -> None:
+    """Halved batches (a fresh high one came) are formed from a window no larger than the
+    batch: grouped by length over a full batch's window, normal rows of the head's length
+    had taken the places of high-priority rows of another length."""
+    loop = asyncio.get_running_loop()
+    queue = RequestQueue(256)
+    queue.push(fresh(0.0, HIGH))
+    limits = BatchLimits(max_batch_size=32, max_batch_tokens=10_000)
+    assert queue.take(limits, now=0.3).batch[0].fresh
+    queue.push(Pending(row(4), 0.3, 10.0, loop.create_future(), 0.0, HIGH))
+    for index in range(19):
+        queue.push(Pending(row(30), 0.3 + index / 1000, 10.0, loop.create_future(), 0.0, HIGH))
+    for index in range(10):
+        queue.push(Pending(row(4), index / 1000, 10.0, loop.create_future(), 0.0, NORMAL))
+    batch = queue.take(limits, now=0.35).batch
+    assert len(batch) <= 16 and {entry.priority for entry in batch} == {HIGH}
