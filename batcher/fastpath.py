@@ -119,8 +119,8 @@ queue's drain time up to this: the queue held short (batching.max_queue_wait_s) 
 CPU (61 % of the polite rate answered here, against 97 % with a doubling hold)."""
 DEMOTED_S = 60.0
 """How long a connection that sent a refused request again before its Retry-After, twice in
-a row, has its requests queued one priority lower (high as normal, normal as low), unless it comes back as
-told first. In a retry storm (512 connections, bench/promises.py) the connections admitted
+a row, has its requests queued one priority lower (high as normal, normal as low), unless
+it comes back as told first. In a retry storm (512 connections, bench/promises.py) the connections admitted
 go on at once after each answer and are never refused again. Not demoted, they kept
 normal's share of the queue full and 70 of 200 new clients were refused. Demoted for a
 second only after coming back early, most went on at normal priority (new clients waited

@@ -159,8 +159,9 @@ def _choose(live: list[Pending], limits: BatchLimits) -> list[int]:
 
 
 MIXED_WINDOW = 1
-"""Batches of queue, in virtual-time order, a batch is grouped by length within while
-several priorities wait (4, as with one, served one high-priority request a batch)."""
+"""While several ranks wait, how many batches' worth of the queue, in virtual-time order, a
+batch is grouped by length within (4, as with one rank, served one high-priority request a
+batch)."""
 MIXED_LOWER_ROWS = 8
 """While several ranks wait, the most rows of lower rank than its head a batch takes: a
 higher-priority request (or a newcomer's) waits for a run in progress and then its own,
