@@ -49,7 +49,7 @@ from batcher.errors import (
 from batcher.metrics import CONTENT_TYPE, Metrics
 from batcher.model.heads import Function
 from batcher.model.tokenization import Text
-from batcher.promises import LOW, NORMAL, PLAIN, Promise, adjusted, priority_of, promise_of
+from batcher.promises import NORMAL, PLAIN, Promise, adjusted, lowered, priority_of, promise_of
 from batcher.runtime import Models, Runtime
 from batcher.schemas import InputsRequest, PredictRequest, TextRequest, validate
 
@@ -152,7 +152,7 @@ def door(priority: str | None, demoted: bool = False) -> int:
     """The priority a request's header gives, for the check at the door (before its body);
     one lower when `demoted` (batcher/fastpath.py's DEMOTED_S)."""
     level = NORMAL if priority is None else priority_of(priority)
-    return min(level + 1, LOW) if demoted else level
+    return lowered(level) if demoted else level
 
 
 def start_prediction(

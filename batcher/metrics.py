@@ -251,8 +251,8 @@ class Metrics:
         )
         self.demoted = Counter(
             "batcher_demoted_requests",
-            "Requests queued one priority lower because their connection came back before its "
-            "Retry-After in the last second (a retry storm).",
+            "Requests taken one priority lower because their connection resent a refused request "
+            "before its Retry-After twice in a row and has not since waited as told (a retry storm).",
             labelnames=by_model,
             registry=r,
         )

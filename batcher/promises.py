@@ -63,11 +63,16 @@ class Promise:
 PLAIN = Promise()
 
 
+def lowered(priority: int) -> int:
+    """One priority lower (low stays low)."""
+    return min(priority + 1, LOW)
+
+
 def adjusted(promise: Promise, demoted: bool, fresh: bool) -> Promise:
-    """The promise one priority lower when `demoted` (low stays low), marked `fresh`."""
+    """The promise one priority lower when `demoted`, marked `fresh`."""
     if not demoted and not fresh:
         return promise
-    return Promise(min(promise.priority + 1, LOW) if demoted else promise.priority, promise.deadline_s, fresh)
+    return Promise(lowered(promise.priority) if demoted else promise.priority, promise.deadline_s, fresh)
 
 
 def priority_of(value: object, where: str = "x-priority") -> int:

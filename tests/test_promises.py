@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -52,6 +54,16 @@ def test_the_pace_is_the_median_of_recent_runs_so_one_hung_run_does_not_skew_it(
 
 def pending(at: float, priority: int) -> Pending:
     return Pending(row(4), at, at + 10, asyncio.get_running_loop().create_future(), 0.0, priority)
+
+
+@contextmanager
+def full(queue: RequestQueue) -> Iterator[None]:
+    """The queue (of max_size 1) is full while this holds: one request sits in it, never run."""
+    queue.push(pending(0.0, NORMAL))
+    try:
+        yield
+    finally:
+        queue.take_all()
 
 
 async def test_higher_priority_goes_first_but_ageing_bounds_the_wait() -> None:
@@ -248,11 +260,7 @@ async def test_priority_and_deadline_by_header_or_body_in_both_lanes(make_client
 async def test_a_client_that_retries_before_its_retry_after_waits_for_its_429(make_client: MakeClient) -> None:
     """A retry storm's connection gets one refusal per Retry-After; a polite one is answered at once."""
     client = await make_client("batching.max_queue_size=1", "batching.max_batch_size=1", "batching.instances=1")
-    queue = client.app[MODELS].get().batcher._queue
-    blocker = pending(0.0, NORMAL)
-    queue._levels[NORMAL].append(blocker)  # the queue is full while this sits in it
-    queue._size += 1
-    try:
+    with full(client.app[MODELS].get().batcher._queue):
         reader, writer = await asyncio.open_connection(client.host, client.port)
         answers, started = 0, time.perf_counter()
         while time.perf_counter() - started < 1.3:  # a storm: back at once after every 429
@@ -270,9 +278,6 @@ async def test_a_client_that_retries_before_its_retry_after_waits_for_its_429(ma
         writer.write(raw(ONE))
         assert (await read_answer(reader))[0] == 429 and time.perf_counter() - started < 0.2  # polite: at once
         writer.close()
-    finally:
-        queue._levels[NORMAL].clear()
-        queue._size = 0
 
 
 async def test_identical_waiting_inputs_share_one_row_and_each_gets_its_answer(make_batcher: MakeBatcher) -> None:
@@ -325,10 +330,7 @@ async def test_a_client_that_keeps_retrying_early_is_held_longer_each_time(make_
     )
     for _ in range(6):  # the pace measured on the instance: Retry-After is the drain, not 1 s
         assert (await client.post("/predict", json=ONE)).status == 200
-    queue = client.app[MODELS].get().batcher._queue
-    queue._levels[NORMAL].append(pending(0.0, NORMAL))  # the queue is full while this sits in it
-    queue._size += 1
-    try:
+    with full(client.app[MODELS].get().batcher._queue):
         reader, writer = await asyncio.open_connection(client.host, client.port)
         told: list[int] = []
         started = time.perf_counter()
@@ -338,9 +340,6 @@ async def test_a_client_that_keeps_retrying_early_is_held_longer_each_time(make_
             assert status == 429
             told.append(int(headers["x-retry-after-ms"]))
         writer.close()
-    finally:
-        queue._levels[NORMAL].clear()
-        queue._size = 0
     assert told[0] < 100 and len(told) <= 14  # not one refusal per drain time: ~600 of them
     assert all(later >= earlier for earlier, later in itertools.pairwise(told[1:])) and told[-1] > 4 * told[1]
 
@@ -448,9 +447,7 @@ async def test_a_connection_that_retried_early_is_queued_lower_until_it_comes_ba
     for forwarded in (False, True):
         extra = ("X-Forwarded-For: 10.0.0.1",) if forwarded else ()
         reader, writer = await asyncio.open_connection(client.host, client.port)
-        queue._levels[NORMAL].append(pending(0.0, NORMAL))  # the queue is full while this sits in it
-        queue._size += 1
-        try:
+        with full(queue):
             writer.write(raw(ONE, *extra))
             status, headers, _ = await read_answer(reader)
             assert status == 429
@@ -458,9 +455,6 @@ async def test_a_connection_that_retried_early_is_queued_lower_until_it_comes_ba
                 writer.write(raw(ONE, *extra))
                 status, headers, _ = await read_answer(reader)
                 assert status == 429
-        finally:
-            queue._levels[NORMAL].clear()
-            queue._size = 0
         low, normal = admitted("low"), admitted("normal")
         writer.write(other.replace(b"\r\n\r\n", ("\r\n" + "".join(extra) + "\r\n\r\n").encode(), 1) if extra else other)
         assert (await read_answer(reader))[0] == 200
