@@ -395,10 +395,11 @@ class Connection(asyncio.Protocol):
         try:
             if lane.tokens:
                 authorize(lane.tokens, authorization)
-            demoted = self.demoted(body)
+            now = lane.loop.time()
+            demoted = self.demoted(body, now)
             lane.models.get().batcher.check_admission(1, door(priority, demoted))  # 429 before any parsing
             data = parsed(body, lane.server, batch=False)
-            fresh = lane.loop.time() - self.answered_at >= FRESH_S
+            fresh = now - self.answered_at >= FRESH_S
             runtime, request, promise, waiting = start_prediction(
                 lane.models, None, data, priority, deadline, started, demoted=demoted, fresh=fresh
             )
@@ -408,7 +409,7 @@ class Connection(asyncio.Protocol):
         self.waiting = waiting
         waiting.add_done_callback(partial(self.finish, runtime, request, promise, request_id, started))
 
-    def demoted(self, body: bytes) -> bool:
+    def demoted(self, body: bytes, now: float) -> bool:
         """Whether this request is queued one priority lower: its connection sent a refused
         request again before its Retry-After after a 429 held for the same (this one, or one
         in the last DEMOTED_S), and has not since sent it after its Retry-After. Once is not
@@ -417,8 +418,7 @@ class Connection(asyncio.Protocol):
         a minute refused 47 high-priority requests as normal ones. Requests a proxy says it
         forwards never are."""
         if self.forwarded or not self.refused_until:
-            return False  # never refused here: no clock read
-        now = self.lane.loop.time()
+            return False  # never refused here
         if body == self.refused_body:
             if now >= self.refused_until:
                 self.demoted_until = 0.0  # back as told

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import heapq
+import itertools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -196,7 +197,6 @@ class RequestQueue:
         self._fifos: tuple[deque[Pending], ...] = tuple(deque() for _ in range(2 * len(PRIORITIES)))
         """By rank (`_rank`): each priority's fresh requests, then its others; each FIFO is in
         virtual-time order (a constant offset each)."""
-        self._levels = self._fifos[1::2]
         self._pushed = [-math.inf] * len(self._fifos)
         """Loop time a request of each rank was last queued."""
         self._size = 0
@@ -253,16 +253,13 @@ class RequestQueue:
         come in only where those of the head's rank or higher leave room: grouped by length
         in a window of 32 cut to 16 rows, they had displaced high-priority rows."""
         window = limits.max_batch_size * MIXED_WINDOW
-        merged: deque[Pending] = deque()
-        lower = 0
-        for entry in heapq.merge(*(self._fifos[rank] for rank in ranks), key=_virtual):
-            if _rank(entry) > head:
-                if lower == MIXED_LOWER_ROWS:
-                    continue  # lower levels are closed for this batch: none of theirs is removed
-                lower += 1
-            merged.append(entry)
-            if len(merged) == window:
-                break
+        ahead = heapq.merge(*(self._fifos[rank] for rank in ranks if rank <= head), key=_virtual)
+        behind = heapq.merge(*(self._fifos[rank] for rank in ranks if rank > head), key=_virtual)
+        # each side read only as far as it can contribute, however long the queue
+        taken = heapq.merge(
+            list(itertools.islice(ahead, window)), itertools.islice(behind, MIXED_LOWER_ROWS), key=_virtual
+        )
+        merged = deque(itertools.islice(taken, window))
         for entry in merged:  # a prefix of each FIFO: the merge yields each one's head in turn
             self._fifos[_rank(entry)].popleft()
         return merged
