@@ -68,13 +68,13 @@ def full(queue: RequestQueue) -> Iterator[None]:
 
 async def test_higher_priority_goes_first_but_ageing_bounds_the_wait() -> None:
     queue = RequestQueue(64)
-    queue.push(pending(0.0, LOW))
-    queue.push(pending(0.2, NORMAL))
+    queue.push(pending(0.0, LOW))  # ordered at 1.0
+    queue.push(pending(0.05, NORMAL))  # 0.95: less than AGING_S[low] - AGING_S[normal] after the low one
     queue.push(pending(0.3, HIGH))
     queue.push(pending(1.2, HIGH))  # arrived more than 1 s after the low one: orders after it
     limits = BatchLimits(max_batch_size=1, max_batch_tokens=1000)
     order = [queue.take(limits, now=0.0).batch[0] for _ in range(4)]
-    assert [(entry.enqueued_at, entry.priority) for entry in order] == [(0.3, 0), (0.2, 1), (0.0, 2), (1.2, 0)]
+    assert [(entry.enqueued_at, entry.priority) for entry in order] == [(0.3, 0), (0.05, 1), (0.0, 2), (1.2, 0)]
     assert len(queue) == 0
 
 
@@ -379,9 +379,9 @@ def fresh(at: float, priority: int) -> Pending:
 async def test_a_fresh_request_is_ordered_sooner_within_its_priority_never_before_high() -> None:
     """A new or idle client's request goes FRESH_AHEAD_S ahead of others of its priority."""
     queue = RequestQueue(64)
-    queue.push(pending(0.0, NORMAL))  # ordered at 0.5
-    queue.push(fresh(0.2, NORMAL))  # 0.45
-    queue.push(fresh(0.3, NORMAL))  # 0.55: arrived 0.3 s after the first, more than FRESH_AHEAD_S
+    queue.push(pending(0.0, NORMAL))  # ordered at 0.9
+    queue.push(fresh(0.2, NORMAL))  # 0.85
+    queue.push(fresh(0.3, NORMAL))  # 0.95: arrived 0.3 s after the first, more than FRESH_AHEAD_S
     queue.push(pending(0.4, HIGH))  # 0.4
     queue.push(fresh(0.4, HIGH))  # 0.4 too: high is not ordered sooner than high
     assert queue.ahead(HIGH) == 2 and queue.ahead(NORMAL) == 5
@@ -405,7 +405,7 @@ async def test_a_batch_takes_few_rows_of_lower_rank_than_its_head() -> None:
     normals = [pending(index / 1000, NORMAL) for index in range(MIXED_LOWER_ROWS + 4)]
     for entry in normals:
         queue.push(entry)
-    queue.push(pending(0.6, HIGH))  # ordered after every normal one (0.5 and a little)
+    queue.push(pending(1.0, HIGH))  # ordered after every normal one (0.9 and a little)
     limits = BatchLimits(max_batch_size=32, max_batch_tokens=1000)
     batch = queue.take(limits, now=0.0).batch
     assert [entry.priority for entry in batch].count(HIGH) == 2
