@@ -557,7 +557,8 @@ def _priority_rows(rounds: list[dict[str, Any]], bounds: tuple[str, ...]) -> lis
         return [one[step]["modes"]["by_priority"].get(priority, {}) for one in rounds]
 
     nan = float("nan")
-    over = [high.get("p99_ms") or nan for high in of("over", "high")]
+    highs = of("over", "high")
+    over = [high.get("p99_ms") or nan for high in highs]
     half = [high.get("p99_ms") or nan for high in of("half", "high")]
     a, b = statistics.median(over), statistics.median(half)
     measured = f"{a:.1f} vs {b:.1f} ms = {a / b:.2f}×"
@@ -565,7 +566,6 @@ def _priority_rows(rounds: list[dict[str, Any]], bounds: tuple[str, ...]) -> lis
         each = ", ".join(f"{o:.1f} vs {h:.1f}" for o, h in zip(over, half, strict=True))
         measured = f"medians {measured} (rounds: {each} ms)"
     out = [("Priorities", bounds[0], measured, _check(a <= 2 * b))]
-    highs = of("over", "high")
     requests = sum(high.get("requests", 0) for high in highs)
     refused = sum(high.get("statuses", {}).get("429", 0) for high in highs)
     share = refused / requests if requests else nan
@@ -609,7 +609,7 @@ def promise_rows(promises: dict[str, Any]) -> list[tuple[str, str, str, str]]:
     if "not_run" in p or not p:
         not_run("Priorities", bounds, p.get("not_run", "not measured"))
     else:
-        out.extend(_priority_rows(p.get("rounds") or [p], bounds))  # results from before rounds: one
+        out.extend(_priority_rows(p["rounds"], bounds))
     d = promises.get("deadlines", {})
     bounds = (
         "no 200 whose server-side total time exceeds its deadline (100 ms, 2× saturation)",
@@ -758,18 +758,18 @@ def _promises_lines(results: dict[str, Any]) -> list[str]:
     p = promises.get("priorities", {})
     if p and "not_run" not in p:
         mix = ", ".join(f"{share:.0%} {name}" for name, share in p["mix"].items())
+        rounds = p["rounds"]
         lines += [
             "",
             f"Priorities: open loop (Poisson), {mix}; half load {p['rate_half']:g} req/s, overload "
             f"{p['rate_over']:g} req/s, and the overload again without priorities"
-            + (f", the three in turn, {len(p['rounds'])} rounds (numbered)" if len(p.get("rounds", [])) > 1 else "")
+            + (f", the three in turn, {len(rounds)} rounds (numbered)" if len(rounds) > 1 else "")
             + '. Latency of every request (any status); "200s" columns of the answered ones only.',
             "",
             "| step | priority | requests | 200/s | 429s | other errors | p50 ms | p99 ms | max ms | 200s p99 ms "
             "| 200s max ms |",
             "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
-        rounds = p.get("rounds") or [p]
         steps = (("half load", "half"), ("2× saturation", "over"), ("2×, no priorities", "plain"))
         for number, one in enumerate(rounds, 1):
             for step, key in steps:
