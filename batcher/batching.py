@@ -329,6 +329,7 @@ class Batcher:
         if promise.deadline_s is not None and not checked:
             self._check_in_time(promise, started)
         deadline = self._deadline(promise, started, now) if promise is not PLAIN else now + self._timeout_s
+        others = len(self._queue) + self._inflight_rows
         entry = Pending(text, now, deadline, loop.create_future(), time.perf_counter(), promise.priority, promise.fresh)
         self._queue.push(entry)  # fits: checked just above, on this same thread
         if self._coalesce:
@@ -344,7 +345,7 @@ class Batcher:
                 timer.cancel()
             self._deadline_timer_at = deadlines[0][0]
             self._deadline_timer = loop.call_at(deadlines[0][0], self._expire_due)
-        self._policy.arrived(now)
+        self._policy.arrived(now, others)
         self._metrics.queue_depth.set(len(self._queue))
         self._wake()
         return entry.future if twins is None else twins.join(loop)
@@ -427,7 +428,7 @@ class Batcher:
         self._metrics.queue_depth.set(len(self._queue))
         if not selection.batch:
             return
-        lone = len(selection.batch) == 1 and not self._running and not self._queue
+        lone = len(selection.batch) == 1 and not self._running and not self._queue and self._policy.lone
         self._running[id(selection.batch)] = selection.batch
         self._inflight_rows += len(selection.batch)
         self._metrics.inflight_batches.set(len(self._running))

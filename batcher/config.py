@@ -290,10 +290,11 @@ class BatchingSettings:
     """Model runs that may be in flight at once (worker threads sharing one session).
     Two single-threaded runs use 2 cores better than one two-threaded run (BENCHMARKS.md)."""
     lone_threads: int = -1
-    """A lone request (the model otherwise idle, nothing else queued) runs on a second ONNX
-    Runtime session with this many intra-op threads (spinning allowed), on a thread of
-    normal priority, instead of one instance's single thread: a lone client uses every
-    core, while under load the instances' layout stays. -1 = one per core the process may
+    """A lone request (the model otherwise idle, nothing else queued, and recent arrivals
+    found the server empty) runs on a second ONNX Runtime session with this many intra-op
+    threads (spinning allowed), on a thread of normal priority, instead of one instance's
+    single thread: a lone client uses every core, while with two or more clients, and under
+    load, the instances' layout stays. -1 = one per core the process may
     use; 0 = off. The second session costs the model's memory again. CPU only (on CUDA
     the setting is ignored)."""
     coalesce: bool = False

@@ -93,3 +93,22 @@ def test_waits_that_find_company_keep_waiting() -> None:
     for _ in range(3 * COMPANY_PROBE_EVERY):
         assert policy.next_wait(state(1, oldest=0.0), now=0.0) is not NOW
         policy.formed(4)
+
+
+def test_a_lone_client_may_take_every_core_until_arrivals_find_company() -> None:
+    """`lone`: a closed-loop lone client's arrivals find the server empty; once arrivals find
+    others queued or running (2 or more clients), a row run alone stays on the instances."""
+    policy = WaitPolicy(max_wait_s=0.002, instances=2)
+    for index in range(20):
+        policy.arrived(index * 0.002, others=0)
+    assert policy.lone
+    policy.arrived(0.05, others=1)
+    assert policy.lone  # one overlap among many lone arrivals
+    for index in range(5):
+        policy.arrived(0.06 + index * 0.001, others=1 + index % 2)
+    assert not policy.lone
+    policy.arrived(0.1, others=0)
+    assert not policy.lone  # one quiet arrival does not undo a crowd
+    for index in range(10):
+        policy.arrived(0.2 + index * 0.002, others=0)
+    assert policy.lone

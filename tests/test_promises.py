@@ -362,6 +362,35 @@ async def test_a_lone_request_runs_on_the_lone_model_and_load_on_the_instances(m
     assert lone.batches[:2] == [1, 1] and len(model.batches) >= 2 and lone.rows + model.rows == 5
 
 
+async def test_rows_run_alone_stay_on_the_instances_while_arrivals_find_company(make_batcher: MakeBatcher) -> None:
+    """Three clients: each round one request finds the model idle and two more arrive while it
+    runs. Once arrivals have been seen to find company, the one finding the model idle runs
+    on an instance too (the lone session's spinning threads would take the cores from the
+    instances running the others'); once arrivals find the server empty again, a lone client,
+    the lone session takes them."""
+    lone = FakeModel(num_labels=4)
+    lone.armed = True
+    batcher, model, metrics = make_batcher(lone=lone, max_batch_size=1, max_wait_s=0, instances=3)
+    firsts = []
+    for _ in range(10):
+        model.gate.clear()
+        lone.gate.clear()
+        before = len(lone.batches), len(model.batches)
+        rows = [batcher.submit(row(3))]  # finds the model idle
+        await handed_over(metrics)
+        rows += [batcher.submit(row(3)) for _ in range(2)]  # arrive while it runs
+        await handed_over(metrics)
+        model.gate.set()
+        lone.gate.set()
+        await asyncio.gather(*rows)
+        firsts.append("lone" if len(lone.batches) > before[0] else "instance")
+    assert firsts[0] == "lone" and firsts[-5:] == ["instance"] * 5
+    crowded = len(lone.batches)
+    for _ in range(8):  # one client again: a few arrivals, then every core
+        await batcher.submit(row(3))
+    assert len(lone.batches) - crowded >= 4 and lone.rows + model.rows == 30 + 8
+
+
 async def test_lone_threads_loads_a_second_session(make_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level("INFO", logger="batcher.runtime")
     client = await make_client("batching.lone_threads=2")
