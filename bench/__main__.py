@@ -64,6 +64,10 @@ LAYOUTS = (("1 session x 2 threads", 1, 2), ("2 sessions x 1 thread", 2, 1), ("1
 CEILING_BATCH_SIZES = (1, 8, 32, 64)
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.15)
 SIDE_BY_SIDE_ROUNDS = 3
+A_B_ROUNDS = 7
+"""Rounds of the lone-client and 64-client A/B steps (bench/promises.py), judged on the
+median of each round's ratio: on this shared machine one server's 1-client steps moved by
+~40 % between rounds, so 3 rounds let one slow minute decide the bound."""
 BATCHER = "batcher (defaults)"
 TUNING_BATCH_SIZES = (8, 16, 32, 64)
 TUNING_WAITS_MS = (0, 2, 5)
@@ -473,6 +477,12 @@ def main() -> None:
     parser.add_argument("--skip-tuning", action="store_true", help="skip the max_batch_size x max_wait_s sweep")
     parser.add_argument(
         "--rounds", type=int, default=SIDE_BY_SIDE_ROUNDS, help="steps per server where two alternate (default: 3)"
+    )
+    parser.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=A_B_ROUNDS,
+        help="rounds of the lone-client and 64-client A/B steps (default: %(default)s)",
     )
     parser.add_argument(
         "--storm-duration", type=float, default=10, help="seconds of each retry-storm step (default: %(default)s)"

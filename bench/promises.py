@@ -271,7 +271,7 @@ async def lone_client(args: argparse.Namespace, graph: str, lone: bool) -> dict[
     steps = await alternate(
         servers,
         Load("closed", 1),
-        rounds=args.rounds,
+        rounds=args.ab_rounds,
         duration_s=args.step_duration,
         warmup_s=1,
         corpus=corpus,
@@ -297,7 +297,7 @@ async def ab64(args: argparse.Namespace, lone: bool) -> dict[str, Any]:
             steps = await alternate(
                 servers,
                 Load("closed", 64),
-                rounds=args.rounds,
+                rounds=args.ab_rounds,
                 duration_s=args.step_duration,
                 warmup_s=1,
                 corpus=corpus,
