@@ -23,7 +23,9 @@ from dataclasses import dataclass
 GAP_EWMA_WEIGHT = 0.2
 # Waiting for company stops paying when recent waits found none (a lone closed-loop client:
 # its next request only comes after this one is answered, however short the gaps look).
-# One decision in COMPANY_PROBE_EVERY still waits, to notice when traffic returns.
+# One decision in COMPANY_PROBE_EVERY still waits, to notice when traffic returns, except
+# while arrivals find the server empty (`lone`): returning traffic shows there first, as
+# arrivals that find others, and a lone client's probes cost it a 2 ms wait in 16.
 COMPANY_EWMA_WEIGHT = 0.25
 COMPANY_THRESHOLD = 0.3
 COMPANY_PROBE_EVERY = 16
@@ -91,7 +93,7 @@ class WaitPolicy:
             return NOW
         if not self._waiting:  # deciding afresh whether this head request waits
             self._decisions += 1
-            if self.company < COMPANY_THRESHOLD and self._decisions % COMPANY_PROBE_EVERY:
+            if self.company < COMPANY_THRESHOLD and (self.lone or self._decisions % COMPANY_PROBE_EVERY):
                 return NOW
             self._waiting = True
         return remaining

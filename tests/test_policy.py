@@ -73,10 +73,14 @@ def test_closing_never_waits_for_company() -> None:
     assert policy.next_wait(state(1, closing=True), now=0.0) is NOW
 
 
-def test_waits_that_never_find_company_stop_except_for_probes() -> None:
-    """A fast lone closed-loop client: short gaps, but every wait ends with one request."""
+@pytest.mark.parametrize("others", [0, 1])
+def test_waits_that_never_find_company_stop_except_for_probes(others: int) -> None:
+    """Short gaps, but every wait ends with one request. A lone closed-loop client (its
+    arrivals find the server empty) then never waits; where arrivals find others running,
+    one decision in COMPANY_PROBE_EVERY still waits, to notice company returning."""
     policy = WaitPolicy(max_wait_s=0.040, instances=2)
-    dense(policy, gap_s=0.002)
+    for index in range(10):
+        policy.arrived(index * 0.002, others=others)
     decisions = []
     for _ in range(4 * COMPANY_PROBE_EVERY):
         wait = policy.next_wait(state(1, oldest=0.0), now=0.0)
@@ -84,7 +88,10 @@ def test_waits_that_never_find_company_stop_except_for_probes() -> None:
         policy.formed(1)  # the batch formed with this request alone
     assert decisions[:3] == [True, True, True]  # it waits at first: company was expected
     later = decisions[2 * COMPANY_PROBE_EVERY :]
-    assert 1 <= sum(later) <= 3  # then only the periodic probe waits
+    if others:
+        assert 1 <= sum(later) <= 3  # then only the periodic probe waits
+    else:
+        assert not any(later)  # then never: returning company would show in the arrivals first
 
 
 def test_waits_that_find_company_keep_waiting() -> None:
@@ -112,3 +119,22 @@ def test_a_lone_client_may_take_every_core_until_arrivals_find_company() -> None
     for index in range(10):
         policy.arrived(0.2 + index * 0.002, others=0)
     assert policy.lone
+
+
+def test_company_returning_after_a_lone_client_is_noticed() -> None:
+    """A lone client never probes; when arrivals start finding others running, the probes
+    resume, and once a wait finds company the batcher waits for it again."""
+    policy = WaitPolicy(max_wait_s=0.040, instances=2)
+    dense(policy, gap_s=0.002)
+    for _ in range(2 * COMPANY_PROBE_EVERY):  # a lone client: no wait ever finds company
+        policy.next_wait(state(1, oldest=0.0), now=0.0)
+        policy.formed(1)
+    assert policy.next_wait(state(1, oldest=0.0), now=0.0) is NOW
+    for index in range(10):  # more clients: arrivals find others running
+        policy.arrived(0.1 + index * 0.002, others=1)
+    waited = 0
+    for _ in range(2 * COMPANY_PROBE_EVERY):
+        if policy.next_wait(state(1, oldest=0.1), now=0.1) is not NOW:
+            waited += 1
+        policy.formed(3)  # and what waits finds company
+    assert waited >= COMPANY_PROBE_EVERY  # a probe found company, and waiting resumed
