@@ -11,7 +11,7 @@
 - A request the batcher would run alone goes to the lone session (every core) only while
   recent arrivals found the server empty (`lone`): a lone client. Where arrivals overlap
   (2 or 4 closed-loop clients), the lone session's spinning threads took the cores from the
-  SCHED_IDLE instances that ran the rest, and 2 to 4 clients got 15-25 % fewer answers a
+  SCHED_IDLE instances that ran the rest, and 2 or 4 clients got 14-26 % fewer answers a
   second than with the lone session off.
 """
 
