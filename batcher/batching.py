@@ -429,6 +429,8 @@ class Batcher:
         if not selection.batch:
             return
         lone = len(selection.batch) == 1 and not self._running and not self._queue and self._policy.lone
+        if lone and self._worker.lone is not None:
+            self._metrics.lone_runs.inc()
         self._running[id(selection.batch)] = selection.batch
         self._inflight_rows += len(selection.batch)
         self._metrics.inflight_batches.set(len(self._running))

@@ -243,6 +243,13 @@ class Metrics:
             labelnames=by_model,
             registry=r,
         )
+        self.lone_runs = Counter(
+            "batcher_lone_runs",
+            "Rows run alone on the session using every core (batching.lone_threads): the model was idle and "
+            "recent arrivals had found the server empty, a lone client.",
+            labelnames=by_model,
+            registry=r,
+        )
         self.held_refusals = Counter(
             "batcher_held_refusals",
             "429s held back until the Retry-After of a client that came back before it (a retry storm).",
@@ -391,6 +398,7 @@ class ModelMetrics:
         self.held_refusals = metrics.held_refusals.labels(name)
         self.demoted = metrics.demoted.labels(name)
         self.coalesced = metrics.coalesced.labels(name)
+        self.lone_runs = metrics.lone_runs.labels(name)
         self.cache_hits = metrics.cache_requests.labels(name, "hit")
         self.cache_misses = metrics.cache_requests.labels(name, "miss")
 

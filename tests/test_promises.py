@@ -389,6 +389,7 @@ async def test_rows_run_alone_stay_on_the_instances_while_arrivals_find_company(
     for _ in range(8):  # one client again: a few arrivals, then every core
         await batcher.submit(row(3))
     assert len(lone.batches) - crowded >= 4 and lone.rows + model.rows == 30 + 8
+    assert value(metrics, "batcher_lone_runs_total") == len(lone.batches)
 
 
 async def test_lone_threads_loads_a_second_session(make_client: MakeClient, caplog: pytest.LogCaptureFixture) -> None:
@@ -396,9 +397,14 @@ async def test_lone_threads_loads_a_second_session(make_client: MakeClient, capl
     client = await make_client("batching.lone_threads=2")
     assert (await client.post("/predict", json=ONE)).status == 200
     assert any("a lone request runs on a second session of 2 threads" in r.getMessage() for r in caplog.records)
+    counted = await (await client.get("/metrics")).text()
+    assert any(line.startswith("batcher_lone_runs_total{") and line.endswith(" 1.0") for line in counted.splitlines())
     caplog.clear()
-    await make_client("batching.lone_threads=0")
+    off = await make_client("batching.lone_threads=0")
     assert not any("second session" in r.getMessage() for r in caplog.records)
+    assert (await off.post("/predict", json=ONE)).status == 200
+    text = await (await off.get("/metrics")).text()
+    assert any(line.startswith("batcher_lone_runs_total{") and line.endswith(" 0.0") for line in text.splitlines())
 
 
 def fresh(at: float, priority: int) -> Pending:
