@@ -527,7 +527,8 @@ COALESCE_NOISE = 0.03
 """Coalescing on is "no worse" than off when its median req/s is at least 97 % of off's and
 its median p99 at most 103 %: the steps of two servers on shared cores move by more than that."""
 AB_NOISE = 0.05
-"""64-client req/s "within noise" of the commit before: at least 95 % of it (medians)."""
+"""64-client req/s "within noise" of the commit before: at least 95 % of it (the median of
+the rounds' ratios, `_paired`)."""
 LONE_SETTING = "batching.lone_threads=0"
 
 
