@@ -7,6 +7,11 @@ closing, new connections are stopped at the door (Linux: a socket filter drops a
 so the client retries and, a second later, finds the port closed or another worker's
 socket), the connections already queued are accepted and answered (503, draining), and
 only then is the socket closed.
+
+When accept() fails for one connection (its network failed during the handshake, a
+firewall refused it, memory was short), libuv under uvloop 0.23 goes on to the next and
+the listener keeps serving: tests/test_listener.py injects each such error into a real
+server. Running out of descriptors is the one failure that lasts (`watch_open_files`).
 """
 
 from __future__ import annotations

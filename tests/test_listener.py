@@ -1,12 +1,15 @@
 """batcher.listener: running out of file descriptors is said once in the log, and again only
-after the process had room again; and a real server at its limit neither spins nor stops."""
+after the process had room again; a real server at its limit neither spins nor stops; and
+one whose accept() fails (injected) keeps serving."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -108,3 +111,74 @@ def test_a_server_at_its_descriptor_limit_serves_what_it_accepted_and_recovers(t
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0 and "Traceback" not in output, output
     assert output.count("out of file descriptors") == 1, output
+
+
+FAULTS = Path(__file__).resolve().parent / "faults"
+ACCEPT_ERRORS = (errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EPROTO, errno.EPERM, errno.ENOBUFS, errno.ENOMEM)
+"""What accept() may return on Linux besides running out of descriptors (accept(2)): a
+connection whose network failed during its handshake, a firewall's refusal, short memory."""
+
+
+@pytest.fixture
+def fail_accept(tmp_path: Path) -> Path:
+    """tests/faults/fail_accept.c built into a library for LD_PRELOAD."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        pytest.skip("needs a C compiler to build the accept() fault injector (.ci/run installs gcc)")
+    library = tmp_path / "fail_accept.so"
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", library, FAULTS / "fail_accept.c", "-ldl"], check=True)
+    return library
+
+
+def test_a_failed_accept_leaves_the_listener_serving(tiny_bundle: Path, fail_accept: Path, tmp_path: Path) -> None:
+    """A real server whose accept() fails once with each error the kernel may give (injected
+    with LD_PRELOAD) still answers the connection that was waiting and every one after: the
+    listener is neither closed nor left unread, and nothing is logged as a crash."""
+    port = free_port()
+    trigger = tmp_path / "fail-next-accept"
+    args = [
+        sys.executable,
+        "app.py",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--set",
+        f'model.path="{tiny_bundle}"',
+    ]
+    process = subprocess.Popen(
+        [*args, "--set", "model.warmup_runs=1"],
+        cwd=Path(__file__).resolve().parent.parent,
+        env=os.environ | {"LD_PRELOAD": str(fail_accept), "FAULT_ACCEPT_FILE": str(trigger)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+
+    def answered() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as client:
+            client.sendall(request)
+            return client.recv(64).startswith(b"HTTP/1.1 200")
+
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None, "server did not start"
+                time.sleep(0.05)
+        for code in ACCEPT_ERRORS:
+            trigger.write_text(str(code))
+            assert answered(), errno.errorcode[code]  # the connection whose accept failed
+            assert not trigger.exists(), f"{errno.errorcode[code]} was not injected"
+            assert answered(), errno.errorcode[code]  # and the next
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0 and "Traceback" not in output, output
+    assert [f"fault: accept4 fails with errno {code}" in output for code in ACCEPT_ERRORS] == [True] * len(
+        ACCEPT_ERRORS
+    )
