@@ -61,6 +61,18 @@ def loop_cpu_s(pid: int) -> float:
 LIMIT = 64
 
 
+def wait_listening(process: subprocess.Popen[str], port: int, timeout_s: float = 30) -> None:
+    """Until the server started as `process` takes connections on `port`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline and process.poll() is None, "server did not start"
+            time.sleep(0.05)
+
+
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the loop's CPU from /proc")
 def test_a_server_at_its_descriptor_limit_serves_what_it_accepted_and_recovers(tiny_bundle: Path) -> None:
     port = free_port()
@@ -77,14 +89,7 @@ def test_a_server_at_its_descriptor_limit_serves_what_it_accepted_and_recovers(t
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     clients: list[socket.socket] = []
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, "server did not start"
-                time.sleep(0.05)
+        wait_listening(process, port)
         answered = 0
         for _ in range(LIMIT + 20):  # more than it may hold
             client = socket.create_connection(("127.0.0.1", port), timeout=2)
@@ -162,14 +167,7 @@ def test_a_failed_accept_leaves_the_listener_serving(tiny_bundle: Path, fail_acc
             return client.recv(64).startswith(b"HTTP/1.1 200")
 
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and process.poll() is None, "server did not start"
-                time.sleep(0.05)
+        wait_listening(process, port)
         for code in ACCEPT_ERRORS:
             trigger.write_text(str(code))
             assert answered(), errno.errorcode[code]  # the connection whose accept failed
