@@ -14,7 +14,11 @@ from bench.servers import free_port
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def start(bundle: Path, *overrides: str, config: Path | None = None) -> tuple[subprocess.Popen[str], str]:
+def start(
+    bundle: Path, *overrides: str, config: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """app.py serving `bundle` on a free port, with `--set` overrides and `env` added to the
+    environment (less BATCHER_ variables); the process and its URL."""
     port = free_port()
     args = [
         sys.executable,
@@ -32,8 +36,10 @@ def start(bundle: Path, *overrides: str, config: Path | None = None) -> tuple[su
         args += ["--config", str(config)]
     for item in overrides:
         args += ["--set", item]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("BATCHER_")}
-    process = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("BATCHER_")} | (env or {})
+    process = subprocess.Popen(
+        args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment
+    )
     return process, f"http://127.0.0.1:{port}"
 
 

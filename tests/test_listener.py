@@ -22,6 +22,7 @@ import pytest
 
 from batcher.listener import open_listener, watch_open_files
 from bench.servers import free_port
+from tests.processes import finish, start, wait_ready
 
 
 @pytest.fixture
@@ -61,18 +62,6 @@ def loop_cpu_s(pid: int) -> float:
 LIMIT = 64
 
 
-def wait_listening(process: subprocess.Popen[str], port: int, timeout_s: float = 30) -> None:
-    """Until the server started as `process` takes connections on `port`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            assert time.monotonic() < deadline and process.poll() is None, "server did not start"
-            time.sleep(0.05)
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the loop's CPU from /proc")
 def test_a_server_at_its_descriptor_limit_serves_what_it_accepted_and_recovers(tiny_bundle: Path) -> None:
     port = free_port()
@@ -89,7 +78,7 @@ def test_a_server_at_its_descriptor_limit_serves_what_it_accepted_and_recovers(t
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     clients: list[socket.socket] = []
     try:
-        wait_listening(process, port)
+        wait_ready(process, f"http://127.0.0.1:{port}")
         answered = 0
         for _ in range(LIMIT + 20):  # more than it may hold
             client = socket.create_connection(("127.0.0.1", port), timeout=2)
@@ -139,26 +128,9 @@ def test_a_failed_accept_leaves_the_listener_serving(tiny_bundle: Path, fail_acc
     """A real server whose accept() fails once with each error the kernel may give (injected
     with LD_PRELOAD) still answers the connection that was waiting and every one after: the
     listener is neither closed nor left unread, and nothing is logged as a crash."""
-    port = free_port()
     trigger = tmp_path / "fail-next-accept"
-    args = [
-        sys.executable,
-        "app.py",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--set",
-        f'model.path="{tiny_bundle}"',
-    ]
-    process = subprocess.Popen(
-        [*args, "--set", "model.warmup_runs=1"],
-        cwd=Path(__file__).resolve().parent.parent,
-        env=os.environ | {"LD_PRELOAD": str(fail_accept), "FAULT_ACCEPT_FILE": str(trigger)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    process, url = start(tiny_bundle, env={"LD_PRELOAD": str(fail_accept), "FAULT_ACCEPT_FILE": str(trigger)})
+    port = int(url.rsplit(":", 1)[1])
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
 
     def answered() -> bool:
@@ -167,7 +139,7 @@ def test_a_failed_accept_leaves_the_listener_serving(tiny_bundle: Path, fail_acc
             return client.recv(64).startswith(b"HTTP/1.1 200")
 
     try:
-        wait_listening(process, port)
+        wait_ready(process, url)
         for code in ACCEPT_ERRORS:
             trigger.write_text(str(code))
             assert answered(), errno.errorcode[code]  # the connection whose accept failed
@@ -175,8 +147,8 @@ def test_a_failed_accept_leaves_the_listener_serving(tiny_bundle: Path, fail_acc
             assert answered(), errno.errorcode[code]  # and the next
     finally:
         process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=30)
-    assert process.returncode == 0 and "Traceback" not in output, output
+        returncode, output = finish(process, 30)
+    assert returncode == 0 and "Traceback" not in output, output
     assert [f"fault: accept4 fails with errno {code}" in output for code in ACCEPT_ERRORS] == [True] * len(
         ACCEPT_ERRORS
     )
