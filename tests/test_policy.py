@@ -15,9 +15,10 @@ def state(
     return QueueState(queued=queued, full=full, oldest=oldest, inflight=inflight, closing=closing)
 
 
-def dense(policy: WaitPolicy, gap_s: float = 0.001, arrivals: int = 10) -> None:
+def dense(policy: WaitPolicy, gap_s: float = 0.001, arrivals: int = 10, *, start: float = 0.0, others: int = 0) -> None:
+    """`arrivals` admissions `gap_s` apart from `start`, each finding `others` queued or running."""
     for index in range(arrivals):
-        policy.arrived(index * gap_s)
+        policy.arrived(start + index * gap_s, others=others)
 
 
 def test_an_empty_queue_sleeps_until_woken() -> None:
@@ -79,8 +80,7 @@ def test_waits_that_never_find_company_stop_except_for_probes(others: int) -> No
     arrivals find the server empty) then never waits; where arrivals find others running,
     one decision in COMPANY_PROBE_EVERY still waits, to notice company returning."""
     policy = WaitPolicy(max_wait_s=0.040, instances=2)
-    for index in range(10):
-        policy.arrived(index * 0.002, others=others)
+    dense(policy, gap_s=0.002, others=others)
     decisions = []
     for _ in range(4 * COMPANY_PROBE_EVERY):
         wait = policy.next_wait(state(1, oldest=0.0), now=0.0)
@@ -106,8 +106,7 @@ def test_a_lone_client_may_take_every_core_until_arrivals_find_company() -> None
     """`lone`: a closed-loop lone client's arrivals find the server empty; once arrivals find
     others queued or running (2 or more clients), a row run alone stays on the instances."""
     policy = WaitPolicy(max_wait_s=0.002, instances=2)
-    for index in range(20):
-        policy.arrived(index * 0.002, others=0)
+    dense(policy, gap_s=0.002, arrivals=20)
     assert policy.lone
     policy.arrived(0.05, others=1)
     assert policy.lone  # one overlap among many lone arrivals
@@ -116,8 +115,7 @@ def test_a_lone_client_may_take_every_core_until_arrivals_find_company() -> None
     assert not policy.lone
     policy.arrived(0.1, others=0)
     assert not policy.lone  # one quiet arrival does not undo a crowd
-    for index in range(10):
-        policy.arrived(0.2 + index * 0.002, others=0)
+    dense(policy, gap_s=0.002, start=0.2)
     assert policy.lone
 
 
@@ -130,8 +128,7 @@ def test_company_returning_after_a_lone_client_is_noticed() -> None:
         policy.next_wait(state(1, oldest=0.0), now=0.0)
         policy.formed(1)
     assert policy.next_wait(state(1, oldest=0.0), now=0.0) is NOW
-    for index in range(10):  # more clients: arrivals find others running
-        policy.arrived(0.1 + index * 0.002, others=1)
+    dense(policy, gap_s=0.002, start=0.1, others=1)  # more clients: arrivals find others running
     waited = 0
     for _ in range(2 * COMPANY_PROBE_EVERY):
         if policy.next_wait(state(1, oldest=0.1), now=0.1) is not NOW:
