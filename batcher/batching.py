@@ -429,12 +429,11 @@ class Batcher:
         if not selection.batch:
             return
         lone = len(selection.batch) == 1 and not self._running and not self._queue and self._policy.lone
-        if lone and self._worker.lone is not None:
-            self._metrics.lone_runs.inc()
         self._running[id(selection.batch)] = selection.batch
         self._inflight_rows += len(selection.batch)
         self._metrics.inflight_batches.set(len(self._running))
-        self._worker.run(selection.batch, self._finish, lone=lone)
+        if self._worker.run(selection.batch, self._finish, lone=lone):
+            self._metrics.lone_runs.inc()
 
     def _finish(self, batch: list[Pending], outcome: RunResult | BaseException) -> None:
         """A run came back (a loop callback: an error here would be lost, so none escapes)."""

@@ -155,10 +155,13 @@ class Worker:
         for thread in self._threads:
             thread.start()
 
-    def run(self, batch: list[Pending], done: Done, *, lone: bool = False) -> None:
+    def run(self, batch: list[Pending], done: Done, *, lone: bool = False) -> bool:
         """Queue `batch` for the next free thread; `done(batch, result or error)` is called on
-        the loop. `lone`: nothing else runs or waits, so the row may run on the lone model."""
-        (self._lone_jobs if lone and self.lone is not None else self._jobs).put((batch, done))
+        the loop. `lone`: nothing else runs or waits, so the row may run on the lone model.
+        Whether it went to the lone model."""
+        alone = lone and self.lone is not None
+        (self._lone_jobs if alone else self._jobs).put((batch, done))
+        return alone
 
     def longest_run_s(self) -> float:
         """How long the oldest model call still in progress has run (0 when none is)."""
