@@ -540,3 +540,64 @@ async def test_rows_of_lower_rank_never_displace_higher_ones_from_a_short_batch(
         queue.push(Pending(row(4), index / 1000, 10.0, loop.create_future(), 0.0, NORMAL))
     batch = queue.take(limits, now=0.35).batch
     assert len(batch) <= 16 and {entry.priority for entry in batch} == {HIGH}
+
+
+async def test_a_high_only_batch_leaves_older_rows_of_other_priorities_queued() -> None:
+    queue = RequestQueue(64)
+    normals = [pending(index / 1000, NORMAL) for index in range(4)]
+    for entry in normals:
+        queue.push(entry)
+    assert not queue.high_seen(0.5) and queue.head_priority() == NORMAL
+    high = pending(0.5, HIGH)
+    queue.push(high)
+    assert queue.high_seen(0.5) and not queue.high_seen(0.5 + SHORT_BATCHES_S + 0.01)
+    assert queue.head_priority() == HIGH  # normal's offset orders them after it
+    limits = BatchLimits(max_batch_size=32, max_batch_tokens=1000)
+    assert queue.take(limits, now=0.5, high_only=True).batch == [high]
+    assert queue.take(limits, now=0.5, high_only=True).batch == []
+    assert queue.take(limits, now=0.5).batch == normals
+
+
+async def test_while_high_priority_comes_one_instance_is_kept_for_it(make_batcher: MakeBatcher) -> None:
+    """Without the kept instance, normal batches would take both instances and the staged
+    place, and a high-priority request would wait for a run to end and then another."""
+    batcher, model, metrics = make_batcher(held=True, max_batch_size=4, max_wait_s=0, instances=2)
+    first = batcher.submit(row(3), Promise(HIGH))
+    await model.started()  # high priority is about now: runs alone on an instance (held)
+    normals = [batcher.submit(row(3)) for _ in range(12)]
+    await model.started()  # one batch of normal rows on the other instance (held)
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert value(metrics, "batcher_inflight_batches") == 2  # no second normal batch staged
+    assert value(metrics, "batcher_queue_depth") == 12 - 2  # halved batches: a higher rank came
+    high = batcher.submit(row(3), Promise(HIGH))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert value(metrics, "batcher_inflight_batches") == 3  # staged next, of high priority alone
+    assert value(metrics, "batcher_queue_depth") == 10
+    finished: list[str] = []
+    high.add_done_callback(lambda _: finished.append("high"))
+    for future in normals[2:]:
+        future.add_done_callback(lambda _: finished.append("normal"))
+    model.gate.set()
+    await asyncio.gather(first, high, *normals)
+    assert finished[0] == "high"
+
+
+async def test_reserve_high_false_lets_other_priorities_take_every_instance(make_batcher: MakeBatcher) -> None:
+    batcher, model, metrics = make_batcher(held=True, max_batch_size=4, max_wait_s=0, instances=2, reserve_high=False)
+    first = batcher.submit(row(3), Promise(HIGH))
+    await model.started()
+    normals = [batcher.submit(row(3)) for _ in range(12)]
+    await model.started()
+    await handed_over_up_to(metrics, 3)
+    model.gate.set()
+    await asyncio.gather(first, *normals)
+
+
+async def handed_over_up_to(metrics: Any, batches: int) -> None:
+    for _ in range(100):
+        if value(metrics, "batcher_inflight_batches") == batches:
+            return
+        await asyncio.sleep(0)
+    raise AssertionError(f"{value(metrics, 'batcher_inflight_batches')} batches in flight, not {batches}")
