@@ -48,7 +48,7 @@ from batcher.errors import (
 from batcher.metrics import ModelMetrics
 from batcher.model.tokenization import UNREADABLE, Text
 from batcher.policy import NOW, QueueState, WaitPolicy
-from batcher.promises import HIGH, PLAIN, Pace, Promise, retry_headers
+from batcher.promises import PLAIN, Pace, Promise, retry_headers
 from batcher.queue import BatchLimits, Pending, RequestQueue
 from batcher.worker import Model, RunResult, Worker
 
@@ -146,8 +146,6 @@ class Batcher:
         self._twins: dict[object, Twins] = {}  # the model input -> its waiting row and clients (coalesce)
         self._pace = Pace(worker.instances)
         self._running: dict[int, list[Pending]] = {}  # id(batch) -> batch handed to the worker
-        self._ordinary: set[int] = set()  # ids of the running batches not of high priority alone
-        self._reserve = settings.reserve_high
         self._deadlines: list[tuple[float, int, Pending]] = []  # heap: admitted, earliest deadline first
         self._admissions = itertools.count()  # tie-breaks equal deadlines in the heap
         self._deadline_timer: asyncio.Handle | None = None
@@ -398,38 +396,29 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            state = self._state(now)
-            wait_s = self._policy.next_wait(state, now)
+            wait_s = self._policy.next_wait(self._state(), now)
             if wait_s is NOW:
-                self._dispatch(now, self._policy.high_only(state))
+                self._dispatch(now)
                 continue
             if self._closing and not self._queue and not self._running:
                 return
             await self._sleep(wait_s)
 
-    def _state(self, now: float) -> QueueState:
-        queue = self._queue
-        oldest = queue.oldest_enqueued_at()
-        reserving = self._reserve and not self._closing and queue.high_seen(now)
-        high = reserving and queue.ahead(HIGH) > 0
+    def _state(self) -> QueueState:
+        oldest = self._queue.oldest_enqueued_at()
         return QueueState(
-            queued=len(queue),
-            full=queue.full_batch_waiting(self._limits),
+            queued=len(self._queue),
+            full=self._queue.full_batch_waiting(self._limits),
             oldest=oldest if oldest is not None else math.inf,
             inflight=len(self._running),
             closing=self._closing,
-            reserving=reserving,
-            high_queued=high,
-            high_first=high and queue.head_priority() == HIGH,
-            ordinary=len(self._ordinary),
         )
 
-    def _dispatch(self, now: float, high_only: bool = False) -> None:
+    def _dispatch(self, now: float) -> None:
         self._policy.formed(len(self._queue))
         # A request whose deadline would pass during the run is not computed (504 now); an
         # idle model runs what it has, whatever a stale pace says.
-        due = now + (self._pace.run_s if self._running else 0.0)
-        selection = self._queue.take(self._limits, due, high_only=high_only)
+        selection = self._queue.take(self._limits, now + (self._pace.run_s if self._running else 0.0))
         for entry in selection.dropped:
             if entry.future.cancelled():
                 self._metrics.rejected["disconnected"].inc()
@@ -441,8 +430,6 @@ class Batcher:
             return
         lone = len(selection.batch) == 1 and not self._running and not self._queue and self._policy.lone
         self._running[id(selection.batch)] = selection.batch
-        if not high_only:
-            self._ordinary.add(id(selection.batch))
         self._inflight_rows += len(selection.batch)
         self._metrics.inflight_batches.set(len(self._running))
         if self._worker.run(selection.batch, self._finish, lone=lone):
@@ -451,7 +438,6 @@ class Batcher:
     def _finish(self, batch: list[Pending], outcome: RunResult | BaseException) -> None:
         """A run came back (a loop callback: an error here would be lost, so none escapes)."""
         del self._running[id(batch)]
-        self._ordinary.discard(id(batch))
         self._inflight_rows -= len(batch)
         self._metrics.inflight_batches.set(len(self._running))
         self._wake()

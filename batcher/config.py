@@ -297,14 +297,6 @@ class BatchingSettings:
     load, the instances' layout stays. -1 = one per core the process may
     use; 0 = off. The second session costs the model's memory again. CPU only (on CUDA
     the setting is ignored)."""
-    reserve_high: bool = True
-    """While high-priority requests come (one was queued in the last second) and `instances`
-    is 2 or more, one instance is kept for them: batches of other priorities run on the
-    rest, and a high-priority request next in line runs at once with only others of its
-    priority. At 2x saturation with 20 % high priority (bench/promises.py) high's p99 fell
-    from 46-61 to 24-45 ms (4 rounds side by side), while a median 18 % fewer requests
-    were answered a second in all (7 rounds) (small high-priority batches, and the kept instance idle when none
-    waits). Without high-priority requests nothing changes."""
     coalesce: bool = False
     """Requests whose model input (token ids and type ids) is identical while they wait
     share one row of a batch; each gets its own answer (`batcher_coalesced_rows_total`).

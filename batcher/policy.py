@@ -7,12 +7,6 @@
   client does not wait for company that is not coming.
 - While every instance is busy, one extra *full* batch is handed to the worker, so the
   model starts it the moment an instance frees instead of waiting for the loop.
-- While high priority is about (`reserving`: one queued in the last second) and there are
-  two instances or more, one is kept for it: batches of other priorities hold at most
-  `instances - 1` of them and are never staged, and a high-priority request next in line
-  is run at once, alone with those of its priority (`high_only`), on a free instance or
-  staged. At 2x saturation with 20 % high priority, high's p99 fell from 46-61 to 24-45 ms
-  (four rounds side by side), at a median 18 % fewer answers a second in all.
 - While closing, nothing waits for company.
 - A request the batcher would run alone goes to the lone session (every core) only while
   recent arrivals found the server empty (`lone`): a lone client. Where arrivals overlap
@@ -57,13 +51,6 @@ class QueueState:
     inflight: int
     """Batches handed to the worker and not yet finished, staged ones included."""
     closing: bool = False
-    reserving: bool = False
-    """A high-priority request was queued in the last second: an instance is kept for high."""
-    high_queued: bool = False
-    high_first: bool = False
-    """The request next in line (by virtual time) is of high priority."""
-    ordinary: int = 0
-    """Batches handed to the worker and not yet finished that are not of high priority alone."""
 
 
 class WaitPolicy:
@@ -96,11 +83,6 @@ class WaitPolicy:
         """None (`NOW`): form a batch now. Otherwise seconds to sleep (inf: until woken)."""
         if not state.queued:
             return math.inf
-        if state.reserving and self.instances > 1:
-            if self.high_only(state):
-                return NOW if state.inflight <= self.instances else math.inf  # at once, or staged
-            if state.inflight >= self.instances or state.ordinary >= self.instances - 1:
-                return math.inf  # the last instance is kept for high priority
         if state.inflight >= self.instances:
             staged = state.inflight - self.instances
             return NOW if state.full and staged == 0 else math.inf
@@ -115,17 +97,6 @@ class WaitPolicy:
                 return NOW
             self._waiting = True
         return remaining
-
-    def high_only(self, state: QueueState) -> bool:
-        """Whether the batch to form now is of high priority alone: while reserving, when one
-        is next in line, or when one waits and every other instance runs other batches (an
-        aged normal or low request next in line waits for one of those)."""
-        return (
-            state.reserving
-            and self.instances > 1
-            and state.high_queued
-            and (state.high_first or state.ordinary >= self.instances - 1)
-        )
 
     @property
     def lone(self) -> bool:

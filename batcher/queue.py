@@ -14,9 +14,7 @@ next batch's worth in that order (MIXED_WINDOW), with few rows of lower rank tha
 head (MIXED_LOWER_ROWS): grouping four batches' worth took the head's neighbours in
 length, so a queue of mixed priorities served one high-priority request per batch and high
 waited as long as normal did (67 vs 72 ms at 2x saturation here). Batches are halved for a
-second after a request of higher rank than theirs came (SHORT_BATCHES_S). A batch may be
-taken of high priority alone (`take(high_only=True)`: the instance the batcher keeps for
-high priority, batcher/policy.py).
+second after a request of higher rank than theirs came (SHORT_BATCHES_S).
 """
 
 from __future__ import annotations
@@ -32,7 +30,7 @@ from typing import Any
 
 from batcher.errors import QueueFull
 from batcher.model.tokenization import Text
-from batcher.promises import HIGH, NORMAL, OFFSETS_S, PRIORITIES, ROOM
+from batcher.promises import NORMAL, OFFSETS_S, PRIORITIES, ROOM
 
 
 @dataclass(eq=False, slots=True)
@@ -178,10 +176,6 @@ run in progress, not a full one. At 2x saturation with 20 % high priority, high'
 2.32x its half-load p99 with full batches and 1.89x with halves (one quick run each)."""
 
 
-HIGH_RANKS = 2 * HIGH + 2
-"""The FIFOs of high priority (fresh and not) come first in rank order."""
-
-
 def _virtual(entry: Pending) -> float:
     return entry.virtual
 
@@ -228,24 +222,13 @@ class RequestQueue:
         """Requests queued at `priority` or higher: about what a new one waits behind."""
         return sum(len(fifo) for fifo in self._fifos[: 2 * priority + 2])
 
-    def high_seen(self, now: float) -> bool:
-        """Whether a high-priority request was queued in the last SHORT_BATCHES_S."""
-        return max(self._pushed[:HIGH_RANKS]) > now - SHORT_BATCHES_S
-
-    def head_priority(self) -> int | None:
-        """The priority of the request next in virtual-time order (None: nothing queued)."""
-        heads = [(fifo[0].virtual, rank) for rank, fifo in enumerate(self._fifos) if fifo]
-        return min(heads)[1] // 2 if heads else None
-
-    def take(self, limits: BatchLimits, now: float, *, high_only: bool = False) -> Selection:
+    def take(self, limits: BatchLimits, now: float) -> Selection:
         """The next batch and the dead found on the way (see `take_batch`), oldest by virtual
         time; of half the rows while a request of higher rank than its head came in the last
-        SHORT_BATCHES_S. `high_only`: of high-priority requests alone, whatever waits longer."""
-        ranks = [rank for rank, fifo in enumerate(self._fifos) if fifo and (rank < HIGH_RANKS or not high_only)]
-        if not ranks:
-            return Selection()
-        if len(ranks) == 1:
-            head = ranks[0]
+        SHORT_BATCHES_S."""
+        ranks = [rank for rank, fifo in enumerate(self._fifos) if fifo]
+        if len(ranks) <= 1:
+            head = ranks[0] if ranks else 2 * NORMAL + 1
             selection = take_batch(self._fifos[head], self._limits(limits, head, now), now)
         else:
             head = min(ranks, key=lambda rank: self._fifos[rank][0].virtual)

@@ -135,37 +135,3 @@ def test_company_returning_after_a_lone_client_is_noticed() -> None:
             waited += 1
         policy.formed(3)  # and what waits finds company
     assert waited >= COMPANY_PROBE_EVERY  # a probe found company, and waiting resumed
-
-
-def reserving(**fields: object) -> QueueState:
-    """A queue of 40 while high priority is about (one was queued in the last second)."""
-    return QueueState(**({"queued": 40, "full": True, "oldest": 0.0, "inflight": 0, "reserving": True} | fields))  # type: ignore[arg-type]
-
-
-def test_while_high_priority_comes_one_instance_is_kept_for_it() -> None:
-    policy = WaitPolicy(max_wait_s=0.002, instances=2)
-    other = reserving(inflight=1, ordinary=1)  # one batch of normal rows runs, a full batch more waits
-    assert policy.next_wait(other, now=0.0) == math.inf  # neither a second one nor a staged one
-    assert policy.next_wait(state(40, full=True, inflight=1), now=0.0) is NOW  # without high: both instances
-    high = reserving(inflight=1, ordinary=1, high_queued=True, high_first=True)
-    assert policy.next_wait(high, now=0.0) is NOW and policy.high_only(high)  # on the kept instance
-    both_busy = reserving(inflight=2, ordinary=1, high_queued=True, high_first=True)
-    assert policy.next_wait(both_busy, now=0.0) is NOW and policy.high_only(both_busy)  # staged, though not full
-    staged = reserving(inflight=3, ordinary=1, high_queued=True, high_first=True)
-    assert policy.next_wait(staged, now=0.0) == math.inf  # one staged already
-
-
-def test_an_aged_request_next_in_line_still_runs_before_high_priority_on_the_other_instance() -> None:
-    """Ageing bounds every request's extra wait: a normal request next in line by virtual
-    time takes the instance batches of other priorities run on; high takes the kept one."""
-    policy = WaitPolicy(max_wait_s=0.002, instances=2)
-    aged = reserving(inflight=0, ordinary=0, high_queued=True, high_first=False)
-    assert policy.next_wait(aged, now=0.0) is NOW and not policy.high_only(aged)
-    kept = reserving(inflight=1, ordinary=1, high_queued=True, high_first=False)
-    assert policy.next_wait(kept, now=0.0) is NOW and policy.high_only(kept)
-
-
-def test_one_instance_keeps_nothing_back() -> None:
-    policy = WaitPolicy(max_wait_s=0.002, instances=1)
-    assert policy.next_wait(reserving(inflight=1, ordinary=1, high_queued=True, high_first=True), now=0.0) is NOW
-    assert not policy.high_only(reserving(high_queued=True, high_first=True))
