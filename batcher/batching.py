@@ -396,7 +396,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         while True:
             now = loop.time()
-            wait_s = self._policy.next_wait(self._state(), now)
+            wait_s = self._policy.next_wait(self._state(now), now)
             if wait_s is NOW:
                 self._dispatch(now)
                 continue
@@ -404,7 +404,7 @@ class Batcher:
                 return
             await self._sleep(wait_s)
 
-    def _state(self) -> QueueState:
+    def _state(self, now: float) -> QueueState:
         oldest = self._queue.oldest_enqueued_at()
         return QueueState(
             queued=len(self._queue),
@@ -412,6 +412,7 @@ class Batcher:
             oldest=oldest if oldest is not None else math.inf,
             inflight=len(self._running),
             closing=self._closing,
+            urgent=self._queue.urgent(now),
         )
 
     def _dispatch(self, now: float) -> None:

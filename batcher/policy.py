@@ -6,7 +6,9 @@
   actually found company (an EWMA of their outcome, probed now and then), so a lone
   client does not wait for company that is not coming.
 - While every instance is busy, one extra *full* batch is handed to the worker, so the
-  model starts it the moment an instance frees instead of waiting for the loop.
+  model starts it the moment an instance frees instead of waiting for the loop; not while
+  high priority comes (`urgent`): a staged batch is formed before the high-priority
+  requests that arrive while it waits, and they waited for it and then their own.
 - While closing, nothing waits for company.
 - A request the batcher would run alone goes to the lone session (every core) only while
   recent arrivals found the server empty (`lone`): a lone client. Where arrivals overlap
@@ -51,6 +53,8 @@ class QueueState:
     inflight: int
     """Batches handed to the worker and not yet finished, staged ones included."""
     closing: bool = False
+    urgent: bool = False
+    """A high-priority request was queued lately (queue.SHORT_BATCHES_S): nothing is staged."""
 
 
 class WaitPolicy:
@@ -85,7 +89,7 @@ class WaitPolicy:
             return math.inf
         if state.inflight >= self.instances:
             staged = state.inflight - self.instances
-            return NOW if state.full and staged == 0 else math.inf
+            return NOW if state.full and staged == 0 and not state.urgent else math.inf
         if state.full or state.closing or self.max_wait_s <= 0:
             return NOW
         remaining = state.oldest + self.max_wait_s - now

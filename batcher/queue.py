@@ -30,7 +30,7 @@ from typing import Any
 
 from batcher.errors import QueueFull
 from batcher.model.tokenization import Text
-from batcher.promises import NORMAL, OFFSETS_S, PRIORITIES, ROOM
+from batcher.promises import HIGH, NORMAL, OFFSETS_S, PRIORITIES, ROOM
 
 
 @dataclass(eq=False, slots=True)
@@ -182,7 +182,11 @@ def _virtual(entry: Pending) -> float:
 
 def _rank(entry: Pending) -> int:
     """Its FIFO: by priority, fresh first (0 = high and fresh)."""
-    return 2 * entry.priority + (not entry.fresh)
+    return _rank_of(entry.priority, entry.fresh)
+
+
+def _rank_of(priority: int, fresh: bool = False) -> int:
+    return 2 * priority + (not fresh)
 
 
 class RequestQueue:
@@ -263,6 +267,10 @@ class RequestQueue:
         for entry in merged:  # a prefix of each FIFO: the merge yields each one's head in turn
             self._fifos[_rank(entry)].popleft()
         return merged
+
+    def urgent(self, now: float) -> bool:
+        """Whether a high-priority request was queued in the last SHORT_BATCHES_S."""
+        return max(self._pushed[: _rank_of(HIGH) + 1]) > now - SHORT_BATCHES_S
 
     def take_all(self) -> list[Pending]:
         """Remove and return everything queued."""

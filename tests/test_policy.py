@@ -10,9 +10,15 @@ from batcher.policy import COMPANY_PROBE_EVERY, NOW, QueueState, WaitPolicy
 
 
 def state(
-    queued: int = 1, *, full: bool = False, oldest: float = 0.0, inflight: int = 0, closing: bool = False
+    queued: int = 1,
+    *,
+    full: bool = False,
+    oldest: float = 0.0,
+    inflight: int = 0,
+    closing: bool = False,
+    urgent: bool = False,
 ) -> QueueState:
-    return QueueState(queued=queued, full=full, oldest=oldest, inflight=inflight, closing=closing)
+    return QueueState(queued=queued, full=full, oldest=oldest, inflight=inflight, closing=closing, urgent=urgent)
 
 
 def dense(policy: WaitPolicy, gap_s: float = 0.001, arrivals: int = 10, *, start: float = 0.0, others: int = 0) -> None:
@@ -66,6 +72,12 @@ def test_busy_instances_take_one_staged_full_batch_only() -> None:
     assert policy.next_wait(state(5, inflight=2), now=0.0) == math.inf  # not full: wait for a free instance
     assert policy.next_wait(state(32, full=True, inflight=2), now=0.0) is NOW  # staged behind the busy ones
     assert policy.next_wait(state(32, full=True, inflight=3), now=0.0) == math.inf  # one staged already
+
+
+def test_nothing_is_staged_while_high_priority_comes() -> None:
+    policy = WaitPolicy(max_wait_s=0.002, instances=2)
+    assert policy.next_wait(state(32, full=True, inflight=2, urgent=True), now=0.0) == math.inf
+    assert policy.next_wait(state(32, full=True, inflight=1, urgent=True), now=0.0) is NOW  # a free instance
 
 
 def test_closing_never_waits_for_company() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -131,6 +131,44 @@ async def test_under_load_high_priority_is_taken_before_what_waited_longer(make_
     await asyncio.gather(running, staged, normal, high)
     assert finished == ["high", "normal"]
     assert value(metrics, "batcher_priority_requests_total", {"priority": "high", "outcome": "admitted"}) == 1
+
+
+async def test_while_high_priority_comes_no_batch_is_staged_so_the_next_one_holds_it(
+    make_batcher: MakeBatcher,
+) -> None:
+    """A staged batch is formed before the high-priority requests that arrive while it waits for
+    an instance: they waited for it, then for their own run."""
+    batcher, model, _ = make_batcher(held=True, max_batch_size=2, max_wait_s=0, instances=1)
+    first = batcher.submit(row(3), Promise(HIGH))
+    await model.started()
+    normals = [batcher.submit(row(3)) for _ in range(2)]  # a full batch, staged were no high about
+    for _ in range(10):
+        await asyncio.sleep(0)
+    high = batcher.submit(row(3), Promise(HIGH))
+    finished: list[str] = []
+
+    def note(name: str) -> Callable[[object], None]:
+        return lambda _: finished.append(name)
+
+    for name, future in (("normal", normals[0]), ("normal", normals[1]), ("high", high)):
+        future.add_done_callback(note(name))
+    model.gate.set()
+    await asyncio.gather(first, high, *normals)
+    assert finished == ["high", "normal", "normal"]
+    assert model.batches == [1, 2, 1]
+
+
+def test_the_queue_says_whether_high_priority_came_lately() -> None:
+    loop = asyncio.new_event_loop()
+    try:
+        queue = RequestQueue(8)
+        queue.push(Pending(row(4), 0.0, 10.0, loop.create_future(), 0.0, NORMAL))
+        assert not queue.urgent(0.1)
+        queue.push(Pending(row(4), 0.2, 10.0, loop.create_future(), 0.0, HIGH, fresh=True))
+        assert queue.urgent(0.3) and queue.urgent(0.2 + SHORT_BATCHES_S - 0.01)
+        assert not queue.urgent(0.2 + SHORT_BATCHES_S + 0.01)
+    finally:
+        loop.close()
 
 
 async def test_a_request_that_cannot_be_answered_in_time_is_refused_at_once(make_batcher: MakeBatcher) -> None:
