@@ -19,7 +19,7 @@ from batcher.errors import DeadlineExceeded, PredictedLate, QueueFull, Validatio
 from batcher.handlers import METRICS, MODELS, in_time
 from batcher.model.tokenization import Text
 from batcher.promises import HIGH, LOW, NORMAL, PLAIN, PREDICTION_MARGIN, Pace, Promise, promise_of, retry_headers
-from batcher.queue import MIXED_LOWER_ROWS, SHORT_BATCHES_S, BatchLimits, Pending, RequestQueue
+from batcher.queue import HIGH_LOWER_ROWS, MIXED_LOWER_ROWS, SHORT_BATCHES_S, BatchLimits, Pending, RequestQueue
 from tests.conftest import MODEL, FakeModel, MakeBatcher, MakeClient, row
 from tests.test_batching import handed_over, value
 from tests.test_fastpath import ONE, raw, read_answer
@@ -471,18 +471,18 @@ async def test_a_fresh_request_is_ordered_sooner_within_its_priority_never_befor
 
 async def test_a_batch_takes_few_rows_of_lower_rank_than_its_head() -> None:
     """A high-priority request is not padded out with a full batch of normal ones: it runs
-    with at most MIXED_LOWER_ROWS of them, and the high one queued after them comes too."""
+    with at most HIGH_LOWER_ROWS of them, and the high one queued after them comes too."""
     queue = RequestQueue(64)
     queue.push(pending(0.3, HIGH))
-    normals = [pending(index / 1000, NORMAL) for index in range(MIXED_LOWER_ROWS + 4)]
+    normals = [pending(index / 1000, NORMAL) for index in range(HIGH_LOWER_ROWS + 4)]
     for entry in normals:
         queue.push(entry)
     queue.push(pending(1.0, HIGH))  # ordered after every normal one (0.9 and a little)
     limits = BatchLimits(max_batch_size=32, max_batch_tokens=1000)
     batch = queue.take(limits, now=0.0).batch
     assert [entry.priority for entry in batch].count(HIGH) == 2
-    assert [entry for entry in batch if entry.priority == NORMAL] == normals[:MIXED_LOWER_ROWS]
-    assert len(queue) == 4 and queue.take(limits, now=0.0).batch == normals[MIXED_LOWER_ROWS:]
+    assert [entry for entry in batch if entry.priority == NORMAL] == normals[:HIGH_LOWER_ROWS]
+    assert len(queue) == 4 and queue.take(limits, now=0.0).batch == normals[HIGH_LOWER_ROWS:]
 
 
 async def test_batches_are_halved_for_a_while_after_a_higher_rank_came() -> None:
