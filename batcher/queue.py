@@ -230,7 +230,7 @@ class RequestQueue:
 
     def ahead(self, priority: int) -> int:
         """Requests queued at `priority` or higher: about what a new one waits behind."""
-        return sum(len(fifo) for fifo in self._fifos[: 2 * priority + 2])
+        return sum(len(fifo) for fifo in self._fifos[: _rank_of(priority) + 1])
 
     def take(self, limits: BatchLimits, now: float) -> Selection:
         """The next batch and the dead found on the way (see `take_batch`), oldest by virtual
