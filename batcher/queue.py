@@ -251,8 +251,7 @@ class RequestQueue:
         return selection
 
     def _limits(self, limits: BatchLimits, head: int, now: float) -> BatchLimits:
-        since = now - SHORT_BATCHES_S
-        if any(pushed > since for pushed in self._pushed[:head]):
+        if self._came_lately(head, now):
             return replace(limits, max_batch_size=max(1, limits.max_batch_size // 2))
         return limits
 
@@ -276,7 +275,12 @@ class RequestQueue:
 
     def urgent(self, now: float) -> bool:
         """Whether a high-priority request was queued in the last SHORT_BATCHES_S."""
-        return max(self._pushed[: _rank_of(HIGH) + 1]) > now - SHORT_BATCHES_S
+        return self._came_lately(_rank_of(HIGH) + 1, now)
+
+    def _came_lately(self, ranks: int, now: float) -> bool:
+        """Whether a request of rank below `ranks` was queued in the last SHORT_BATCHES_S."""
+        since = now - SHORT_BATCHES_S
+        return any(pushed > since for pushed in self._pushed[:ranks])
 
     def take_all(self) -> list[Pending]:
         """Remove and return everything queued."""

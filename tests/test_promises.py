@@ -158,17 +158,13 @@ async def test_while_high_priority_comes_no_batch_is_staged_so_the_next_one_hold
     assert model.batches == [1, 2, 1]
 
 
-def test_the_queue_says_whether_high_priority_came_lately() -> None:
-    loop = asyncio.new_event_loop()
-    try:
-        queue = RequestQueue(8)
-        queue.push(Pending(row(4), 0.0, 10.0, loop.create_future(), 0.0, NORMAL))
-        assert not queue.urgent(0.1)
-        queue.push(Pending(row(4), 0.2, 10.0, loop.create_future(), 0.0, HIGH, fresh=True))
-        assert queue.urgent(0.3) and queue.urgent(0.2 + SHORT_BATCHES_S - 0.01)
-        assert not queue.urgent(0.2 + SHORT_BATCHES_S + 0.01)
-    finally:
-        loop.close()
+async def test_the_queue_says_whether_high_priority_came_lately() -> None:
+    queue = RequestQueue(8)
+    queue.push(pending(0.0, NORMAL))
+    assert not queue.urgent(0.1)
+    queue.push(fresh(0.2, HIGH))
+    assert queue.urgent(0.3) and queue.urgent(0.2 + SHORT_BATCHES_S - 0.01)
+    assert not queue.urgent(0.2 + SHORT_BATCHES_S + 0.01)
 
 
 async def test_a_request_that_cannot_be_answered_in_time_is_refused_at_once(make_batcher: MakeBatcher) -> None:
