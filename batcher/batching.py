@@ -412,7 +412,7 @@ class Batcher:
             oldest=oldest if oldest is not None else math.inf,
             inflight=len(self._running),
             closing=self._closing,
-            urgent=self._queue.urgent(now),
+            urgent=self._queue.urgent(now, self._limits),
         )
 
     def _dispatch(self, now: float) -> None:

@@ -54,7 +54,8 @@ class QueueState:
     """Batches handed to the worker and not yet finished, staged ones included."""
     closing: bool = False
     urgent: bool = False
-    """A high-priority request was queued lately (queue.SHORT_BATCHES_S): nothing is staged."""
+    """A high-priority request was queued lately (queue.SHORT_BATCHES_S) and high has no
+    backlog (queue.RequestQueue.high_backlog): nothing is staged."""
 
 
 class WaitPolicy:

@@ -138,10 +138,10 @@ async def test_while_high_priority_comes_no_batch_is_staged_so_the_next_one_hold
 ) -> None:
     """A staged batch is formed before the high-priority requests that arrive while it waits for
     an instance: they waited for it, then for their own run."""
-    batcher, model, _ = make_batcher(held=True, max_batch_size=2, max_wait_s=0, instances=1)
+    batcher, model, _ = make_batcher(held=True, max_batch_size=4, max_wait_s=0, instances=1)
     first = batcher.submit(row(3), Promise(HIGH))
     await model.started()
-    normals = [batcher.submit(row(3)) for _ in range(2)]  # a full batch, staged were no high about
+    normals = [batcher.submit(row(3)) for _ in range(4)]  # a full batch, staged were no high about
     for _ in range(10):
         await asyncio.sleep(0)
     high = batcher.submit(row(3), Promise(HIGH))
@@ -150,21 +150,42 @@ async def test_while_high_priority_comes_no_batch_is_staged_so_the_next_one_hold
     def note(name: str) -> Callable[[object], None]:
         return lambda _: finished.append(name)
 
-    for name, future in (("normal", normals[0]), ("normal", normals[1]), ("high", high)):
+    for name, future in (*(("normal", normal) for normal in normals), ("high", high)):
         future.add_done_callback(note(name))
     model.gate.set()
     await asyncio.gather(first, high, *normals)
-    assert finished == ["high", "normal", "normal"]
-    assert model.batches == [1, 2, 1]
+    assert finished == ["high", "normal", "normal", "normal", "normal"]
+    assert model.batches == [1, 4, 1]  # the high one and three normal ones, then the last
 
 
 async def test_the_queue_says_whether_high_priority_came_lately() -> None:
     queue = RequestQueue(8)
+    limits = BatchLimits(max_batch_size=4, max_batch_tokens=1000)
     queue.push(pending(0.0, NORMAL))
-    assert not queue.urgent(0.1)
+    assert not queue.urgent(0.1, limits)
     queue.push(fresh(0.2, HIGH))
-    assert queue.urgent(0.3) and queue.urgent(0.2 + SHORT_BATCHES_S - 0.01)
-    assert not queue.urgent(0.2 + SHORT_BATCHES_S + 0.01)
+    assert queue.urgent(0.3, limits) and queue.urgent(0.2 + SHORT_BATCHES_S - 0.01, limits)
+    assert not queue.urgent(0.2 + SHORT_BATCHES_S + 0.01, limits)
+    queue.push(pending(0.25, HIGH))  # half a batch of high priority queued: its backlog
+    assert queue.high_backlog(limits) and not queue.urgent(0.3, limits)
+
+
+async def test_behind_a_backlog_of_high_priority_batches_are_full_and_high_alone() -> None:
+    """Half a batch of high priority queued: a new high request waits behind high, so batches
+    are not halved, and one headed by high takes no lower rows; below that, they are halved
+    and take HIGH_LOWER_ROWS."""
+    limits = BatchLimits(max_batch_size=32, max_batch_tokens=10_000)
+    for highs, lower, rows in ((7, HIGH_LOWER_ROWS, 7 + HIGH_LOWER_ROWS), (20, 0, 20)):
+        queue = RequestQueue(256)
+        queue.push(fresh(0.0, HIGH))  # a fresh high came lately: batches of lower rank are halved
+        assert queue.take(limits, now=0.1).batch[0].fresh
+        normals = [pending(index / 1000, NORMAL) for index in range(40)]
+        for entry in [*normals, *(pending(0.1 + index / 1000, HIGH) for index in range(highs))]:
+            queue.push(entry)
+        assert queue.high_backlog(limits) == (highs == 20)
+        batch = queue.take(limits, now=0.2).batch
+        assert len(batch) == rows and [entry.priority for entry in batch].count(HIGH) == highs
+        assert [entry for entry in batch if entry.priority == NORMAL] == normals[:lower]
 
 
 async def test_a_request_that_cannot_be_answered_in_time_is_refused_at_once(make_batcher: MakeBatcher) -> None:
