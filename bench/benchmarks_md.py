@@ -750,7 +750,8 @@ def _promises_lines(results: dict[str, Any]) -> list[str]:
         "## Promises kept under load (issue 30)",
         "",
         "`bench/promises.py`, one server at a time unless a scenario says otherwise. The saturation rate is batcher "
-        "(defaults)'s 64-client closed-loop rate measured at the phase's start"
+        "(defaults)'s 64-client closed-loop rate measured at the phase's start (and again before each priorities "
+        "round)"
         + (f": **{saturation:.0f} req/s** in this run" if saturation else "")
         + ". Open-loop latency counts from each request's scheduled send time; a request counts as refused at "
         "admission when its 429 came back within 10 ms of being sent (client-side, so at least the server's own "
@@ -767,9 +768,15 @@ def _promises_lines(results: dict[str, Any]) -> list[str]:
         rounds = p["rounds"]
         lines += [
             "",
-            f"Priorities: open loop (Poisson), {mix}; half load {p['rate_half']:g} req/s, overload "
-            f"{p['rate_over']:g} req/s, and the overload again without priorities"
+            f"Priorities: open loop (Poisson), {mix}; half and twice the saturation rate measured before the "
+            "round, and twice it again without priorities"
             + (f", the three in turn, {len(rounds)} rounds (numbered)" if len(rounds) > 1 else "")
+            + ". Rates: "
+            + "; ".join(
+                f"{number}: saturation {one['saturation']:.0f}, half {one['rate_half']:g}, "
+                f"2× {one['rate_over']:g} req/s"
+                for number, one in enumerate(rounds, 1)
+            )
             + '. Latency of every request (any status); "200s" columns of the answered ones only.',
             "",
             "| step | priority | requests | 200/s | 429s | other errors | p50 ms | p99 ms | max ms | 200s p99 ms "

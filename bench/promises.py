@@ -4,10 +4,12 @@ scenario against its bound, all in one run; `python -m bench --only promises` ru
 1. Priorities: open loop (Poisson) at 2x the saturation rate, 20 % of requests
    `x-priority: high`, 60 % normal, 20 % low; the same mix at half the saturation rate; the
    same 2x load without priorities (what low priority's wait is compared with). The three
-   steps in turn, `--rounds` times: high priority's p99 is judged on its median per load,
-   so that one step in a slow minute of the shared machine does not decide the bound alone
-   (in one step, a third less throughput made high priority's own queue grow: 5-6x its
-   half-load p99, against 1.6-2x in the steps around it); every round is reported.
+   steps in turn, `--rounds` times, the saturation rate measured again before each round
+   after the first: in a run where it was measured once, the machine then slowed by a
+   quarter for two rounds (the same 2x without priorities answered 1,258 and 1,417 a second
+   against 1,639 in the third), so "2x" was 2.5x there, and high priority's p99 was 7.4x
+   its half-load p99. High priority's p99 is judged on its median per load, so that one
+   step in a slow minute does not decide the bound alone; every round is reported.
 2. Deadlines: 2x saturation, every request with `x-deadline-ms: 100`, against the same load
    without deadlines on a server admitting by count alone (`batching.max_queue_wait_s=0`:
    `max_queue_size` and the 10 s timeout, as before issue 30), judged against the same 100 ms.
@@ -26,11 +28,11 @@ scenario against its bound, all in one run; `python -m bench --only promises` ru
    each of the two settings (A/B, alternating).
 
 The saturation rate is batcher's 64-client closed-loop rate, measured at the phase's start
-on the server that then takes scenarios 1, 2 and 4. A scenario the server cannot run yet is
-recorded as not run, with the reason: a malformed `x-priority` or `x-deadline-ms` answered
-other than 422 (the server ignores the header), or `batching.coalesce` refused by the
-settings (as `batcher serve --set` would at start-up; `batching.lone_threads` likewise,
-whose rows are then left out).
+on the server that then takes scenarios 1, 2 and 4 (and again before each priorities
+round). A scenario the server cannot run yet is recorded as not run, with the reason: a
+malformed `x-priority` or `x-deadline-ms` answered other than 422 (the server ignores the
+header), or `batching.coalesce` refused by the settings (as `batcher serve --set` would at
+start-up; `batching.lone_threads` likewise, whose rows are then left out).
 """
 
 from __future__ import annotations
@@ -149,18 +151,25 @@ def _say(line: str) -> None:
 
 
 async def priorities(server: Server, corpus: Corpus, args: argparse.Namespace, saturation: float) -> dict[str, Any]:
-    over, half = round(saturation * OVERLOAD, 1), round(saturation * HALF, 1)
+    """The rounds; each after the saturation rate was measured again (the first takes the
+    phase's, measured just before), so that 2x is 2x of the machine's pace that minute."""
     mixed = Modes(priority_mix=PRIORITY_MIX)
     rounds = []
-    for _ in range(args.rounds):
+    for number in range(args.rounds):
+        if number:
+            saturation = (await _step(server, Load("closed", 64), corpus, args))["throughput_rps"]
+        over, half = round(saturation * OVERLOAD, 1), round(saturation * HALF, 1)
         rounds.append(
             {
+                "saturation": saturation,
+                "rate_over": over,
+                "rate_half": half,
                 "half": await _step(server, Load("open", half), corpus, args, modes=mixed),
                 "over": await _step(server, Load("open", over), corpus, args, modes=mixed),
                 "plain": await _step(server, Load("open", over), corpus, args, modes=Modes(priority_mix=NO_PRIORITY)),
             }
         )
-    return {"mix": dict(PRIORITY_MIX), "rate_over": over, "rate_half": half, "rounds": rounds}
+    return {"mix": dict(PRIORITY_MIX), "rounds": rounds}
 
 
 async def deadlines(server: Server, corpus: Corpus, args: argparse.Namespace, saturation: float) -> dict[str, Any]:
