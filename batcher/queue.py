@@ -239,25 +239,26 @@ class RequestQueue:
         time; of half the rows while a request of higher rank than its head came in the last
         SHORT_BATCHES_S."""
         ranks = [rank for rank, fifo in enumerate(self._fifos) if fifo]
+        backlog = self.high_backlog(limits)  # of the configured batch, before any halving
         if len(ranks) <= 1:
             head = ranks[0] if ranks else 2 * NORMAL + 1
-            selection = take_batch(self._fifos[head], self._limits(limits, head, now), now)
+            selection = take_batch(self._fifos[head], self._limits(limits, head, now, backlog), now)
         else:
             head = min(ranks, key=lambda rank: self._fifos[rank][0].virtual)
-            limits = self._limits(limits, head, now)
-            merged = self._mixed_window(ranks, head, limits)
+            limits = self._limits(limits, head, now, backlog)
+            merged = self._mixed_window(ranks, head, limits, backlog)
             selection = take_batch(merged, limits, now)
             for entry in reversed(merged):  # what was not taken goes back to the front
                 self._fifos[_rank(entry)].appendleft(entry)
         self._size -= len(selection.batch) + len(selection.expired) + len(selection.dropped)
         return selection
 
-    def _limits(self, limits: BatchLimits, head: int, now: float) -> BatchLimits:
-        if self._came_lately(head, now) and not self.high_backlog(limits):
+    def _limits(self, limits: BatchLimits, head: int, now: float, backlog: bool) -> BatchLimits:
+        if self._came_lately(head, now) and not backlog:
             return replace(limits, max_batch_size=max(1, limits.max_batch_size // 2))
         return limits
 
-    def _mixed_window(self, ranks: list[int], head: int, limits: BatchLimits) -> deque[Pending]:
+    def _mixed_window(self, ranks: list[int], head: int, limits: BatchLimits, backlog: bool) -> deque[Pending]:
         """Removed from the FIFOs: the next MIXED_WINDOW batches' worth (of `limits`, already
         halved when so) in virtual-time order, with at most MIXED_LOWER_ROWS (HIGH_LOWER_ROWS
         behind high priority, none behind high's backlog) of lower rank than the first,
@@ -270,7 +271,7 @@ class RequestQueue:
         # each side read only as far as it can contribute, however long the queue
         lower = MIXED_LOWER_ROWS
         if head <= _rank_of(HIGH):
-            lower = 0 if self.high_backlog(limits) else HIGH_LOWER_ROWS
+            lower = 0 if backlog else HIGH_LOWER_ROWS
         taken = heapq.merge(list(itertools.islice(ahead, window)), itertools.islice(behind, lower), key=_virtual)
         merged = deque(itertools.islice(taken, window))
         for entry in merged:  # a prefix of each FIFO: the merge yields each one's head in turn

@@ -173,9 +173,9 @@ async def test_the_queue_says_whether_high_priority_came_lately() -> None:
 async def test_behind_a_backlog_of_high_priority_batches_are_full_and_high_alone() -> None:
     """Half a batch of high priority queued: a new high request waits behind high, so batches
     are not halved, and one headed by high takes no lower rows; below that, they are halved
-    and take HIGH_LOWER_ROWS."""
+    and take HIGH_LOWER_ROWS (10 high rows are half a halved batch, not a backlog)."""
     limits = BatchLimits(max_batch_size=32, max_batch_tokens=10_000)
-    for highs, lower, rows in ((7, HIGH_LOWER_ROWS, 7 + HIGH_LOWER_ROWS), (20, 0, 20)):
+    for highs, lower, rows in ((7, HIGH_LOWER_ROWS, 7 + HIGH_LOWER_ROWS), (10, HIGH_LOWER_ROWS, 14), (20, 0, 20)):
         queue = RequestQueue(256)
         queue.push(fresh(0.0, HIGH))  # a fresh high came lately: batches of lower rank are halved
         assert queue.take(limits, now=0.1).batch[0].fresh
