@@ -14,10 +14,11 @@ next batch's worth in that order (MIXED_WINDOW), with few rows of lower rank tha
 head (MIXED_LOWER_ROWS; HIGH_LOWER_ROWS behind high priority): grouping four batches'
 worth took the head's neighbours in length, so a queue of mixed priorities served one
 high-priority request per batch and high waited as long as normal did (67 vs 72 ms at 2x
-saturation here). Batches are halved for a second after a request of higher rank than
-theirs came (SHORT_BATCHES_S). None of that holds while high priority's own queue is half a
-batch deep or more (`high_backlog`): high then waits behind high, and the model's whole pace
-is what shortens that wait.
+saturation here). A batch headed by high priority holds at most HIGH_BATCH_ROWS rows, and
+others are halved for a second after a request of higher rank than theirs came
+(SHORT_BATCHES_S). None of that holds while high priority's own queue is half a batch deep
+or more (`high_backlog`): high then waits behind high, and the model's whole pace is what
+shortens that wait.
 """
 
 from __future__ import annotations
@@ -175,6 +176,18 @@ HIGH_LOWER_ROWS = 4
 high rows held ~8 rows, 4-6 of them high, in runs of ~9 ms; with 4 rows of lower rank at
 most, high's p50 at 2x was lower in 5 of 5 rounds side by side (12.0-15.9 vs 16.8-21.8
 ms), at about the same answers a second (2 at most cost ~7 %)."""
+HIGH_BATCH_ROWS = 8
+"""The most rows of a batch headed by high priority (HIGH_LOWER_ROWS of them of lower rank at
+most), unless high has a backlog (`RequestQueue.high_backlog`). Measured from each answer's
+own timing at 2x saturation with 20 % high, with halved batches (16 rows): high waited in
+the queue 5-7 ms at p50 and 18-30 ms at p99; its own batches held 6 rows at p50 and 13-14
+at p99 (high's requests filled them while they waited), runs of 6-8 and 13-22 ms, which the
+next high-priority requests waited for when both instances ran one. Side by side with
+halved batches (bench/promises.py steps, 2026-12-07, three sets of 4 rounds), high's p99 at
+2x, medians: 26.1 vs 30.0 ms, 34.6 vs 91.3 ms (a slower half hour) and 26.4 vs 36.1 ms;
+lower in 9 of 12 rounds; answers a second no fewer (1,198-1,388 vs 876-1,274 in the last
+set). 4 rows cost 10-30 % of the answers a second at 2x in a clean set (994-1,163 vs
+1,116-1,403) and did not lower high's p99."""
 
 
 SHORT_BATCHES_S = 1.0
@@ -254,7 +267,13 @@ class RequestQueue:
         return selection
 
     def _limits(self, limits: BatchLimits, head: int, now: float, backlog: bool) -> BatchLimits:
-        if self._came_lately(head, now) and not backlog:
+        """The limits of a batch headed by `head` (a rank): full behind high's backlog; else
+        HIGH_BATCH_ROWS behind high, half the rows while a higher rank came lately."""
+        if backlog:
+            return limits
+        if head <= _rank_of(HIGH):
+            return replace(limits, max_batch_size=min(limits.max_batch_size, HIGH_BATCH_ROWS))
+        if self._came_lately(head, now):
             return replace(limits, max_batch_size=max(1, limits.max_batch_size // 2))
         return limits
 

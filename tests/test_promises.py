@@ -19,7 +19,15 @@ from batcher.errors import DeadlineExceeded, PredictedLate, QueueFull, Validatio
 from batcher.handlers import METRICS, MODELS, in_time
 from batcher.model.tokenization import Text
 from batcher.promises import HIGH, LOW, NORMAL, PLAIN, PREDICTION_MARGIN, Pace, Promise, promise_of, retry_headers
-from batcher.queue import HIGH_LOWER_ROWS, MIXED_LOWER_ROWS, SHORT_BATCHES_S, BatchLimits, Pending, RequestQueue
+from batcher.queue import (
+    HIGH_BATCH_ROWS,
+    HIGH_LOWER_ROWS,
+    MIXED_LOWER_ROWS,
+    SHORT_BATCHES_S,
+    BatchLimits,
+    Pending,
+    RequestQueue,
+)
 from tests.conftest import MODEL, FakeModel, MakeBatcher, MakeClient, row
 from tests.test_batching import handed_over, value
 from tests.test_fastpath import ONE, raw, read_answer
@@ -170,22 +178,37 @@ async def test_the_queue_says_whether_high_priority_came_lately() -> None:
     assert queue.high_backlog(limits) and not queue.urgent(0.3, limits)
 
 
-async def test_behind_a_backlog_of_high_priority_batches_are_full_and_high_alone() -> None:
-    """Half a batch of high priority queued: a new high request waits behind high, so batches
-    are not halved, and one headed by high takes no lower rows; below that, they are halved
-    and take HIGH_LOWER_ROWS (10 high rows are half a halved batch, not a backlog)."""
+async def test_a_batch_headed_by_high_holds_few_rows_unless_high_has_a_backlog() -> None:
+    """Below half a batch of high priority queued, a batch headed by high holds HIGH_BATCH_ROWS
+    rows, HIGH_LOWER_ROWS of lower rank at most (15 high rows are not a backlog); from there a
+    new high request waits behind high anyway, so batches are full and one headed by high
+    takes no lower rows."""
     limits = BatchLimits(max_batch_size=32, max_batch_tokens=10_000)
-    for highs, lower, rows in ((7, HIGH_LOWER_ROWS, 7 + HIGH_LOWER_ROWS), (10, HIGH_LOWER_ROWS, 14), (20, 0, 20)):
+    rows, lower_rows = HIGH_BATCH_ROWS, HIGH_LOWER_ROWS
+    for highs, taken, lower in ((1, 1, lower_rows), (rows - 2, rows - 2, 2), (15, rows, 0), (20, 20, 0)):
         queue = RequestQueue(256)
-        queue.push(fresh(0.0, HIGH))  # a fresh high came lately: batches of lower rank are halved
-        assert queue.take(limits, now=0.1).batch[0].fresh
         normals = [pending(index / 1000, NORMAL) for index in range(40)]
         for entry in [*normals, *(pending(0.1 + index / 1000, HIGH) for index in range(highs))]:
             queue.push(entry)
-        assert queue.high_backlog(limits) == (highs == 20)
+        assert queue.high_backlog(limits) == (highs >= 16)
         batch = queue.take(limits, now=0.2).batch
-        assert len(batch) == rows and [entry.priority for entry in batch].count(HIGH) == highs
+        assert [entry.priority for entry in batch].count(HIGH) == taken
         assert [entry for entry in batch if entry.priority == NORMAL] == normals[:lower]
+
+
+async def test_behind_a_backlog_of_high_priority_other_batches_are_full() -> None:
+    """A batch headed by normal requests that waited past high's offset is halved while high
+    came lately (10 high rows queued are not a backlog); behind 16 or more, it is full."""
+    limits = BatchLimits(max_batch_size=32, max_batch_tokens=10_000)
+    for highs, rows in ((10, 16), (20, 32)):
+        queue = RequestQueue(256)
+        for index in range(60):  # ordered at -0.1 s and after: before the high ones
+            queue.push(pending(-1.0 + index / 1000, NORMAL))
+        for index in range(highs):
+            queue.push(pending(0.1 + index / 1000, HIGH))
+        assert queue.high_backlog(limits) == (highs >= 16)
+        batch = queue.take(limits, now=0.2).batch
+        assert len(batch) == rows and {entry.priority for entry in batch} == {NORMAL}
 
 
 async def test_a_request_that_cannot_be_answered_in_time_is_refused_at_once(make_batcher: MakeBatcher) -> None:
