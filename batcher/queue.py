@@ -186,8 +186,8 @@ next high-priority requests waited for when both instances ran one. Side by side
 halved batches (bench/promises.py steps, 2026-12-07, three sets of 4 rounds), high's p99 at
 2x, medians: 26.1 vs 30.0 ms, 34.6 vs 91.3 ms (a slower half hour) and 26.4 vs 36.1 ms;
 lower in 9 of 12 rounds; answers a second no fewer (1,198-1,388 vs 876-1,274 in the last
-set). 4 rows cost 10-30 % of the answers a second at 2x in a clean set (994-1,163 vs
-1,116-1,403) and did not lower high's p99."""
+set). 4 rows cost 5-29 % of the answers a second at 2x in a clean set (994-1,163 vs
+1,116-1,403, lower in 4 of 4 rounds) and did not lower high's p99."""
 
 
 SHORT_BATCHES_S = 1.0
