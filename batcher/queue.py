@@ -249,10 +249,9 @@ class RequestQueue:
 
     def take(self, limits: BatchLimits, now: float) -> Selection:
         """The next batch and the dead found on the way (see `take_batch`), oldest by virtual
-        time; of half the rows while a request of higher rank than its head came in the last
-        SHORT_BATCHES_S."""
+        time; of fewer rows behind high priority or while a higher rank came lately (`_limits`)."""
         ranks = [rank for rank, fifo in enumerate(self._fifos) if fifo]
-        backlog = self.high_backlog(limits)  # of the configured batch, before any halving
+        backlog = self.high_backlog(limits)  # of the configured batch, before `_limits` cuts it
         if len(ranks) <= 1:
             head = ranks[0] if ranks else 2 * NORMAL + 1
             selection = take_batch(self._fifos[head], self._limits(limits, head, now, backlog), now)
@@ -279,7 +278,7 @@ class RequestQueue:
 
     def _mixed_window(self, ranks: list[int], head: int, limits: BatchLimits, backlog: bool) -> deque[Pending]:
         """Removed from the FIFOs: the next MIXED_WINDOW batches' worth (of `limits`, already
-        halved when so) in virtual-time order, with at most MIXED_LOWER_ROWS (HIGH_LOWER_ROWS
+        cut by `_limits`) in virtual-time order, with at most MIXED_LOWER_ROWS (HIGH_LOWER_ROWS
         behind high priority, none behind high's backlog) of lower rank than the first,
         `head`. The window is no larger than the batch, so rows of lower rank come in only
         where those of the head's rank or higher leave room: grouped by length in a window of
