@@ -261,11 +261,17 @@ class Batcher:
     def pace(self) -> Pace:
         return self._pace
 
-    def submit(self, text: Text, promise: Promise = PLAIN, started: float | None = None) -> asyncio.Future[Prediction]:
+    def submit(
+        self, text: Text, promise: Promise = PLAIN, started: float | None = None, *, checked_at: int | None = None
+    ) -> asyncio.Future[Prediction]:
         """Admit one request; its future resolves to a Prediction or fails with an HTTPError.
-        `started`: perf_counter() when the request arrived, where a client deadline counts from."""
+        `started`: perf_counter() when the request arrived, where a client deadline counts from.
+        `checked_at`: the priority `check_admission` passed it at in this same loop callback (nothing
+        else ran since: the fast lane); the check is then not repeated unless the request
+        asks for a lower priority, which has less room."""
         self._check_open()
-        self.check_admission(1, promise.priority)
+        if checked_at is None or promise.priority > checked_at:
+            self.check_admission(1, promise.priority)
         return self._admit(text, promise, started)
 
     def submit_all(

@@ -397,11 +397,12 @@ class Connection(asyncio.Protocol):
                 authorize(lane.tokens, authorization)
             now = lane.loop.time()
             demoted = self.demoted(body, now)
-            lane.models.get().batcher.check_admission(1, door(priority, demoted))  # 429 before any parsing
+            level = door(priority, demoted)
+            lane.models.get().batcher.check_admission(1, level)  # 429 before any parsing
             data = parsed(body, lane.server, batch=False)
             fresh = now - self.answered_at >= FRESH_S
             runtime, request, promise, waiting = start_prediction(
-                lane.models, None, data, priority, deadline, started, demoted=demoted, fresh=fresh
+                lane.models, None, data, priority, deadline, started, demoted=demoted, fresh=fresh, checked_at=level
             )
         except Exception as exc:
             self.fail(exc, request_id, started, body)

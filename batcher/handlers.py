@@ -165,6 +165,7 @@ def start_prediction(
     *,
     demoted: bool = False,
     fresh: bool = False,
+    checked_at: int | None = None,
 ) -> tuple[Runtime, Query, Promise, asyncio.Future[Any]]:
     """A parsed /predict body admitted: its model's runtime (taken here, after the last await
     before admission: see the module's docstring), the validated request, its promise, and
@@ -172,14 +173,15 @@ def start_prediction(
     giving a list). `priority` and `deadline`: the x-priority and x-deadline-ms headers' values;
     `started`: when the request arrived (a client deadline counts from it); `demoted`: queued
     one priority lower than it asks (a retry storm's connection, batcher/fastpath.py); `fresh`:
-    its client had no answer in the last second (promises.FRESH_S)."""
+    its client had no answer in the last second (promises.FRESH_S); `checked_at`: the priority
+    the request was admitted at the door with in this same loop callback (`Batcher.submit`)."""
     runtime = models.get(name)
     body = query(data)
     promise = promise_of(priority, deadline, body.priority, body.deadline_ms)
     promise = adjusted(promise, demoted, fresh)
     rows = encode(runtime, body)
     if runtime.cache is None and len(rows) == 1:
-        return runtime, body, promise, runtime.batcher.submit(rows[0], promise, started)
+        return runtime, body, promise, runtime.batcher.submit(rows[0], promise, started, checked_at=checked_at)
     return runtime, body, promise, asyncio.ensure_future(predict_rows(runtime, rows, promise, started))
 
 

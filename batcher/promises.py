@@ -133,11 +133,10 @@ class Pace:
         self.instances = instances
         self.rows = 0.0
         self.run_s = 0.0
+        self.known = False
+        """PACE_MIN_RUNS runs measured: the pace predicts."""
+        self._rate = 0.0
         self._runs: deque[tuple[int, float]] = deque(maxlen=PACE_RUNS)
-
-    @property
-    def known(self) -> bool:
-        return len(self._runs) >= PACE_MIN_RUNS
 
     def ran(self, rows: int, seconds: float) -> None:
         runs = self._runs
@@ -146,10 +145,13 @@ class Pace:
             middle = len(runs) // 2
             self.rows = float(sorted(run[0] for run in runs)[middle])
             self.run_s = sorted(run[1] for run in runs)[middle]
+            self.known = True
+            self._rate = self.instances * self.rows / self.run_s if self.run_s else 0.0
 
     def rows_per_s(self) -> float:
-        """Rows the model answers a second with every instance busy (0 while unknown)."""
-        return self.instances * self.rows / self.run_s if self.known else 0.0
+        """Rows the model answers a second with every instance busy (0 while unknown); read
+        at every admission, so worked out once a run."""
+        return self._rate
 
     def drain_s(self, rows: int) -> float:
         """Seconds until `rows` queued now have been run (0 while unknown)."""

@@ -585,9 +585,11 @@ async def test_a_new_or_idle_clients_request_is_fresh(make_client: MakeClient, m
     seen: list[bool] = []
     submit = batcher.submit
 
-    def recording(text: Text, promise: Promise = PLAIN, started: float | None = None) -> asyncio.Future[Any]:
+    def recording(
+        text: Text, promise: Promise = PLAIN, started: float | None = None, *, checked_at: int | None = None
+    ) -> asyncio.Future[Any]:
         seen.append(promise.fresh)
-        return submit(text, promise, started)
+        return submit(text, promise, started, checked_at=checked_at)
 
     monkeypatch.setattr(batcher, "submit", recording)
     reader, writer = await asyncio.open_connection(client.host, client.port)
@@ -600,6 +602,38 @@ async def test_a_new_or_idle_clients_request_is_fresh(make_client: MakeClient, m
     assert (await read_answer(reader))[0] == 200
     writer.close()
     assert seen == [True, False, True]  # a new connection's first, then one answered just now
+
+
+async def test_the_fast_lane_checks_admission_once_unless_the_body_asks_for_less(
+    make_client: MakeClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check at the door is not repeated at submission in the same callback, unless the
+    body asks for a lower priority than the header (less room): then it is, and refuses."""
+    client = await make_client("batching.max_queue_size=2")  # room: 2 for high, 1 for low
+    batcher = client.app[MODELS].get().batcher
+    checked: list[int] = []
+    check = batcher.check_admission
+
+    def recording(rows: int = 1, priority: int = NORMAL) -> None:
+        checked.append(priority)
+        check(rows, priority)
+
+    monkeypatch.setattr(batcher, "check_admission", recording)
+    reader, writer = await asyncio.open_connection(client.host, client.port)
+    for body, headers, expected in (
+        (ONE, (), [NORMAL]),
+        ({**ONE, "priority": "high"}, ("x-priority: low",), [LOW]),
+        ({**ONE, "priority": "low"}, ("x-priority: high",), [HIGH, LOW]),
+    ):
+        checked.clear()
+        writer.write(raw(body, *headers))
+        assert (await read_answer(reader))[0] == 200
+        assert checked == expected
+    with full(batcher._queue):  # one queued: room for high at the door, none for the body's low
+        writer.write(raw({**ONE, "priority": "low"}, "x-priority: high"))
+        assert (await read_answer(reader))[0] == 429
+        assert checked[-2:] == [HIGH, LOW]
+    writer.close()
 
 
 async def test_rows_of_lower_rank_never_displace_higher_ones_from_a_short_batch() -> None:
