@@ -64,10 +64,17 @@ LAYOUTS = (("1 session x 2 threads", 1, 2), ("2 sessions x 1 thread", 2, 1), ("1
 CEILING_BATCH_SIZES = (1, 8, 32, 64)
 SWEEP_FRACTIONS = (0.25, 0.5, 0.75, 0.9, 1.0, 1.15)
 SIDE_BY_SIDE_ROUNDS = 3
-A_B_ROUNDS = 7
+A_B_ROUNDS = 11
 """Rounds of the lone-client and 64-client A/B steps (bench/promises.py), judged on the
 median of each round's ratio: on this shared machine one server's 1-client steps moved by
-~40 % between rounds, so 3 rounds let one slow minute decide the bound."""
+~40 % between rounds, so 3 rounds let one slow minute decide the bound. Not 7 either: two
+copies of one server side by side at 64 clients (2026-12-07, 20 rounds of 3 s) had the
+rounds' ratios spread 0.85-1.31 (sd 0.10), and the median of 7 consecutive rounds read
+0.94-1.04, of 11 1.00-1.03: with 7, a server no slower than its baseline could miss a 5 %
+bound by chance alone."""
+PRIORITY_ROUNDS = 5
+"""Rounds of the priorities scenario: its bound is judged on the medians per load, and in
+runs of 3 one slow round (7.4x, 5.2x) was a third of the rounds a median is taken over."""
 BATCHER = "batcher (defaults)"
 TUNING_BATCH_SIZES = (8, 16, 32, 64)
 TUNING_WAITS_MS = (0, 2, 5)
@@ -483,6 +490,12 @@ def main() -> None:
         type=int,
         default=A_B_ROUNDS,
         help="rounds of the lone-client and 64-client A/B steps (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--priority-rounds",
+        type=int,
+        default=PRIORITY_ROUNDS,
+        help="rounds of the priorities scenario (default: %(default)s)",
     )
     parser.add_argument(
         "--storm-duration", type=float, default=10, help="seconds of each retry-storm step (default: %(default)s)"

@@ -4,7 +4,7 @@ scenario against its bound, all in one run; `python -m bench --only promises` ru
 1. Priorities: open loop (Poisson) at 2x the saturation rate, 20 % of requests
    `x-priority: high`, 60 % normal, 20 % low; the same mix at half the saturation rate; the
    same 2x load without priorities (what low priority's wait is compared with). The three
-   steps in turn, `--rounds` times, the saturation rate measured again before each round
+   steps in turn, `--priority-rounds` times, the saturation rate measured again before each round
    after the first: in a run where it was measured once, the machine then slowed by a
    quarter for two rounds (the same 2x without priorities answered 1,258 and 1,417 a second
    against 1,639 in the third), so "2x" was 2.5x there, and high priority's p99 was 7.4x
@@ -155,7 +155,7 @@ async def priorities(server: Server, corpus: Corpus, args: argparse.Namespace, s
     phase's, measured just before), so that 2x is 2x of the machine's pace that minute."""
     mixed = Modes(priority_mix=PRIORITY_MIX)
     rounds = []
-    for number in range(args.rounds):
+    for number in range(args.priority_rounds):
         if number:
             saturation = (await _step(server, Load("closed", 64), corpus, args))["throughput_rps"]
         over, half = round(saturation * OVERLOAD, 1), round(saturation * HALF, 1)
