@@ -63,7 +63,7 @@ train: $(VENV)/.train  ## rebuild models/intent-zh: fine-tune the e5 teacher, di
 evaluate: $(VENV)/.train  ## test-split and real-utterance figures and speed of models/intent-zh, into its model card
 	$(PY) scripts/evaluate.py
 
-bench: $(VENV)/.bench bench-peers-setup  ## the full benchmark with mosec, PyTriton and Infinity (~35 min): BENCHMARKS.md, bench/results/
+bench: $(VENV)/.bench bench-peers-setup  ## the full benchmark with mosec, PyTriton and Infinity (~40 min): BENCHMARKS.md, bench/results/
 	$(PY) -m bench $(ARGS)
 
 loadtest: $(VENV)/.bench  ## load a running server: make loadtest ARGS="run --concurrency 64"
